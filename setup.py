@@ -1,0 +1,39 @@
+"""embedspace: learning and measuring embedding spaces in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="embedspace",
+    version="0.1.0",
+    description="Learning and measuring embedding spaces (SSL and multimodal) in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["embedspace", "embedspace.*"]),
+    package_data={"embedspace.data": ["assets/*/*"]},
+    include_package_data=True,
+    # Lower bounds are the versions verified on Python 3.11 (see ../shared/STACK.md).
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "tensorflow-datasets>=4.9.10",
+        "grain>=0.2.18",
+        "array_record>=0.8.6",
+        "ml_collections>=1.1.0",
+        "chex>=0.1.92",
+        "absl-py>=2.1",
+        "numpy>=2.0",
+        "tensorboardX>=2.6.5",
+        "tqdm>=4.66",
+        "matplotlib>=3.9",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=9.0",
+            "pytest-xdist>=3.8",
+            "hypothesis>=6.100",
+        ],
+    },
+)
