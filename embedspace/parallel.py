@@ -68,8 +68,15 @@ def sharded(fn: Callable[..., Any], mesh: Mesh, *, in_specs: Any, out_specs: Any
 
   `fn` sees its per-device slice and may use collectives over `AXIS`. Use `P()` for replicated
   arguments and results, `P(AXIS)` for batch-sharded ones.
+
+  The map runs with `check_vma=False`, i.e. with `jax.pmap`'s semantics for differentiation
+  inside `fn`: the gradient of a device-invariant loss with respect to replicated parameters is
+  each device's own term, and the step combines them explicitly with `pmean(grads, AXIS)`. (With
+  the default `check_vma=True`, JAX would insert that sum itself, and the same function would
+  give different gradients under `jax.pmap`.) One per-device step therefore runs unchanged
+  under this wrapper and under `jax.pmap(fn, axis_name=AXIS)`; tests check both.
   """
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,35 @@
+"""Self-supervised and multimodal losses, and embedding-health metrics, over the global batch.
+
+Every function is pure, takes `[batch, dim]` embeddings and keyword-only hyperparameters, and
+accepts `axis_name`: inside `shard_map`/`pmap` over that axis it computes the loss of the GLOBAL
+batch with explicit collectives (negatives gathered, batch statistics psum-ed) and returns the
+same value on every device; with `axis_name=None` it is the plain single-device loss.
+"""
+
+from embedspace.losses._contrastive import CLIP_LOGIT_SCALE_INIT
+from embedspace.losses._contrastive import CLIP_MAX_LOGIT_SCALE
+from embedspace.losses._contrastive import clip_loss
+from embedspace.losses._contrastive import info_nce
+from embedspace.losses._hypersphere import alignment
+from embedspace.losses._hypersphere import effective_rank
+from embedspace.losses._hypersphere import embedding_std
+from embedspace.losses._hypersphere import positive_negative_geodesic
+from embedspace.losses._hypersphere import uniformity
+from embedspace.losses._redundancy import barlow_twins_loss
+from embedspace.losses._redundancy import decur_loss
+from embedspace.losses._redundancy import vicreg_loss
+
+__all__ = [
+    "CLIP_LOGIT_SCALE_INIT",
+    "CLIP_MAX_LOGIT_SCALE",
+    "alignment",
+    "barlow_twins_loss",
+    "clip_loss",
+    "decur_loss",
+    "effective_rank",
+    "embedding_std",
+    "info_nce",
+    "positive_negative_geodesic",
+    "uniformity",
+    "vicreg_loss",
+]
