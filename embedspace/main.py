@@ -1,0 +1,70 @@
+"""Command line: train and evaluate an embedding model from an ml_collections config.
+
+  python -m embedspace.main --config=configs/vicreg.py [--workdir=DIR] [--config.KEY=VALUE ...]
+
+Several processes (TPU hosts, GPU nodes, or localhost) start with the arguments of
+`jax.distributed.initialize`: --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
+Exit codes: 0 done, 2 bad input (one line names it), 3 non-finite loss, 75 preempted (SIGTERM;
+a checkpoint was written: rerun the same command to resume).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/vicreg.py.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports. "
+                    "Default: workdirs/<config name>[_<variant>].")
+flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator HOST:PORT.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (jax.distributed).")
+flags.DEFINE_integer("process_id", None, "This process's index (jax.distributed).")
+FLAGS = flags.FLAGS
+
+BAD_INPUT_EXIT_CODE = 2
+NONFINITE_EXIT_CODE = 3
+
+
+def default_workdir() -> str:
+  """workdirs/<config file stem>[_<variant>], so rerunning a command resumes its run."""
+  spec = FLAGS["config"].config_filename  # e.g. 'configs/vicreg.py:smoke'
+  path, _, variant = spec.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join("workdirs", f"{name}_{variant}" if variant else name)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax  # After flag parsing, so --help is fast.
+
+  from embedspace import checkpointing, train
+  from embedspace.config_checks import ConfigError
+
+  if FLAGS.coordinator_address:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
+  workdir = FLAGS.workdir or default_workdir()
+  if not FLAGS.workdir:
+    print(f"--workdir not given; using {workdir}", flush=True)
+  try:
+    report = train.train_and_evaluate(FLAGS.config, workdir)
+  except (ConfigError, FileNotFoundError, checkpointing.NoIntactCheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(BAD_INPUT_EXIT_CODE)
+  except train.NonFiniteLossError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(NONFINITE_EXIT_CODE)
+  logging.info("evaluation: %s", report)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,327 @@
+"""Self-supervised training: one per-device step, compiled over every device of every process.
+
+`train_step` is written once for one device's slice of the global batch; the losses combine the
+devices with collectives named by `parallel.AXIS` (negatives gathered, batch statistics summed),
+batch norm synchronises its statistics over the same axis, and `make_parallel_step` compiles it
+with `jax.jit(jax.shard_map(...))` over a 1-D mesh. The step averages the gradients of the global
+loss over the devices with an explicit `pmean`, as under `jax.pmap` (see `parallel.sharded`), so
+the same function also runs under `jax.pmap`; a test checks that both equal one device.
+
+Layout follows flax/examples/imagenet: `create_train_state`, `train_step`, `make_parallel_step`,
+and the single entry point `train_and_evaluate(config, workdir)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import PartitionSpec as P
+
+from embedspace import checkpointing
+from embedspace import data as data_lib
+from embedspace import evaluate
+from embedspace import losses
+from embedspace import metrics as metrics_lib
+from embedspace import models
+from embedspace import optim
+from embedspace import parallel
+from embedspace.config_checks import validate_config, check_workdir_config
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved a checkpoint on SIGTERM; rerun the same command.
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or gradient became NaN/inf and the config does not ask to skip such updates."""
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array  # int32 []: steps taken (batches consumed)
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # folded with the step and the device index inside the step
+  skipped: jax.Array  # int32 []: non-finite updates skipped (in stop mode: steps since the first)
+
+
+def build_model(config: ml_collections.ConfigDict) -> models.EmbeddingModel:
+  """The encoder + projector named by `config.model`, batch norm synchronised over the mesh."""
+  return models.EmbeddingModel(
+      stage_sizes=tuple(config.model.stage_sizes), width=config.model.width,
+      projector_dims=tuple(config.model.projector_dims), dtype=jnp.dtype(config.model.dtype),
+      bn_axis_name=parallel.AXIS)
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: models.EmbeddingModel,
+                       tx: optax.GradientTransformation, image_shape: tuple[int, ...]) -> TrainState:
+  """Initial state on the host (replicate it with `parallel.replicate`)."""
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, state_rng = jax.random.split(rng)
+  dummy = jnp.zeros((2, *image_shape), jnp.float32)
+  # Initialise outside any mesh: batch norm's collective needs no axis for a plain apply.
+  variables = jax.jit(functools.partial(model.clone(bn_axis_name=None).init, train=False))(
+      init_rng, dummy)
+  params = variables["params"]
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
+      opt_state=tx.init(params), rng=state_rng, skipped=jnp.zeros((), jnp.int32))
+
+
+def ssl_loss(config: ml_collections.ConfigDict, z1: jax.Array, z2: jax.Array, *,
+             axis_name: str | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The global-batch loss of `config.method` and its terms."""
+  lc = config.loss
+  if config.method == "vicreg":
+    return losses.vicreg_loss(
+        z1, z2, invariance_weight=lc.invariance_weight, variance_weight=lc.variance_weight,
+        covariance_weight=lc.covariance_weight, axis_name=axis_name)
+  if config.method == "simclr":
+    loss = losses.info_nce(z1, z2, temperature=lc.temperature, similarity=lc.similarity,
+                           axis_name=axis_name)
+    return loss, {}
+  if config.method == "barlow":
+    return losses.barlow_twins_loss(
+        z1, z2, off_diagonal_weight=lc.off_diagonal_weight, axis_name=axis_name)
+  raise ValueError(f"config.method={config.method!r} is not one of vicreg, simclr, barlow")
+
+
+def embedding_health(z1: jax.Array, z2: jax.Array, *, axis_name: str | None) -> dict[str, jax.Array]:
+  """Collapse and hypersphere diagnostics of the projector outputs over the global batch."""
+  pos, neg = losses.positive_negative_geodesic(z1, z2, axis_name=axis_name)
+  return {
+      "health/embedding_std": losses.embedding_std(z1, axis_name=axis_name),
+      "health/effective_rank": losses.effective_rank(z1, axis_name=axis_name),
+      "health/alignment": losses.alignment(z1, z2, axis_name=axis_name),
+      "health/uniformity": losses.uniformity(z1, axis_name=axis_name),
+      "health/geodesic_positive": pos,
+      "health/geodesic_negative": neg,
+  }
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.EmbeddingModel,
+               tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+               axis_name: str | None = parallel.AXIS) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimisation step on this device's slice `batch` = {'view1', 'view2'}: [B, H, W, C].
+
+  Returns the new state and device-invariant metrics. A non-finite loss or gradient leaves the
+  state unchanged (and counts in `skipped`); unless `config.skip_nonfinite`, every later step is
+  a no-op too, so the host stops with the last good state intact.
+  """
+  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                           parallel.axis_index(axis_name))
+
+  def loss_fn(params):
+    out1, upd = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["view1"],
+                            train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+    out2, upd = model.apply({"params": params, "batch_stats": upd["batch_stats"]}, batch["view2"],
+                            train=True, mutable=["batch_stats"],
+                            rngs={"dropout": jax.random.fold_in(rng, 1)})
+    z1, z2 = out1[1], out2[1]
+    loss, terms = ssl_loss(config, z1, z2, axis_name=axis_name)
+    return loss, (terms, upd["batch_stats"], z1, z2)
+
+  (loss, (terms, batch_stats, z1, z2)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  grads = parallel.pmean(grads, axis_name)  # pmap semantics: see `parallel.sharded`.
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  finite = jnp.isfinite(loss) & jnp.all(jnp.array(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  ok = finite if config.skip_nonfinite else finite & (state.skipped == 0)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+  new_state = state.replace(
+      step=state.step + 1, params=keep(params, state.params),
+      batch_stats=keep(batch_stats, state.batch_stats), opt_state=keep(opt_state, state.opt_state),
+      skipped=state.skipped + (~ok).astype(jnp.int32))
+
+  health_keys = embedding_health(z1, z2, axis_name=None).keys()
+  health = jax.lax.cond(
+      state.step % config.log_every == 0,
+      lambda: embedding_health(z1, z2, axis_name=axis_name),
+      lambda: {k: jnp.zeros((), jnp.float32) for k in health_keys})
+  metrics = {
+      "loss": loss, **{f"loss/{k}": v for k, v in terms.items()},
+      "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(state.params),
+      "skipped": new_state.skipped, **health,
+  }
+  return new_state, metrics
+
+
+def make_parallel_step(mesh: jax.sharding.Mesh, *, model: models.EmbeddingModel,
+                       tx: optax.GradientTransformation, config: ml_collections.ConfigDict):
+  """`train_step` over `mesh`: state replicated, batch split along axis 0, state donated."""
+  step = functools.partial(train_step, model=model, tx=tx, config=config, axis_name=parallel.AXIS)
+  return jax.jit(parallel.sharded(step, mesh, in_specs=(P(), P(parallel.AXIS)),
+                                  out_specs=(P(), P())), donate_argnums=0)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag checked between steps (save, then exit PREEMPTED_EXIT_CODE)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      del signum, frame
+      self.requested = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # Not the main thread (e.g. a notebook worker): no preemption handling.
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class Preempted(SystemExit):
+  """Raised after the checkpoint on SIGTERM is written; exits with PREEMPTED_EXIT_CODE."""
+
+  def __init__(self, step: int):
+    super().__init__(PREEMPTED_EXIT_CODE)
+    self.step = step
+
+
+def _to_host(tree: Any) -> Any:
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming from its newest intact checkpoint), then evaluates.
+
+  Returns the evaluation report (also written to `workdir/eval.json`).
+
+  Raises:
+    ValueError: bad config values (the message names the key).
+    NonFiniteLossError: the loss became non-finite and `config.skip_nonfinite` is False.
+    Preempted: SIGTERM arrived; a checkpoint of the current step was written.
+  """
+  validate_config(config)
+  mesh = parallel.make_mesh()
+  n_dev, n_proc = mesh.devices.size, jax.process_count()
+  if config.batch_size % n_dev or config.batch_size % n_proc:
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the number of "
+                     f"devices ({n_dev}); try {max(n_dev, config.batch_size // n_dev * n_dev)}")
+  check_workdir_config(config, workdir)
+  logging.info("process %d/%d, local devices %s, mesh %s", jax.process_index(), n_proc,
+               jax.local_devices(), dict(mesh.shape))
+
+  source, info = data_lib.get_source(config.data.name, split=config.data.train_split,
+                                     data_dir=config.data.data_dir)
+  loader = data_lib.ssl_loader(
+      source, global_batch_size=config.batch_size, seed=config.seed,
+      image_size=config.data.image_size, augment=config.data.augment.to_dict(),
+      process_index=jax.process_index(), process_count=n_proc,
+      worker_count=config.data.worker_count)
+  data_iter = iter(loader)
+  image_shape = (config.data.image_size, config.data.image_size, info.image_shape[-1])
+
+  model = build_model(config)
+  tx = optim.make_optimizer(config)
+  init_state = create_train_state(config, model, tx, image_shape)
+  # A host copy of the random initialisation: the evaluation's baseline encoder.
+  init_variables = jax.device_get({"params": init_state.params,
+                                   "batch_stats": init_state.batch_stats})
+  state = parallel.replicate(mesh, init_state)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    every=config.checkpoint_every, keep=config.keep_checkpoints)
+  restored = ckpt.restore_latest(checkpointing.abstract_like(state), data_iter)
+  if restored is not None:
+    state, start = restored
+    logging.info("resumed from step %d in %s", start, workdir)
+  else:
+    start = 0
+  p_step = make_parallel_step(mesh, model=model, tx=tx, config=config)
+  writer = metrics_lib.MetricWriter(workdir)
+  schedule = optim.learning_rate_schedule(config)
+
+  progress = _progress(start, config.num_steps)
+  t_last, step_last = time.perf_counter(), start
+  with _Preemption() as preemption:
+    for step in range(start, config.num_steps):
+      batch = next(data_iter)
+      batch = parallel.shard_batch(mesh, {"view1": batch["view1"], "view2": batch["view2"]})
+      state, metrics = p_step(state, batch)
+      done = step + 1
+      is_log = step % config.log_every == 0 or done == config.num_steps
+      if is_log:
+        m = _to_host(metrics)
+        _check_finite(m, done, config, ckpt)
+        now = time.perf_counter()
+        m["images_per_sec"] = 2 * config.batch_size * (done - step_last) / max(now - t_last, 1e-9)
+        m["learning_rate"] = schedule(step)
+        t_last, step_last = now, done
+        writer.write_scalars(done, m)
+        progress.set_postfix(loss=f"{m['loss']:.4g}", img_s=f"{m['images_per_sec']:.0f}")
+      progress.update(1)
+      if preemption.requested:
+        _check_finite(_to_host(metrics), done, config, ckpt)
+        ckpt.save(done, state, data_iter, force=True)
+        ckpt.close()
+        writer.close()
+        logging.warning("SIGTERM: saved step %d to %s; rerun the same command to resume",
+                        done, workdir)
+        raise Preempted(done)
+      if done % config.checkpoint_every == 0 and done != config.num_steps:
+        _check_finite(_to_host(metrics), done, config, ckpt)
+        ckpt.save(done, state, data_iter)
+  progress.close()
+  if config.num_steps > start:
+    _check_finite(_to_host(metrics), config.num_steps, config, ckpt)
+    ckpt.save(config.num_steps, state, data_iter, force=True)
+  ckpt.close()
+
+  report = evaluate.evaluate_run(
+      config, model, {"params": state.params, "batch_stats": state.batch_stats}, mesh,
+      init_variables=init_variables if config.eval.baselines else None)
+  writer.write_scalars(config.num_steps, {f"eval/{k}": v for k, v in _flatten(report).items()})
+  writer.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+  return report
+
+
+def _check_finite(m: dict[str, Any], step: int, config: ml_collections.ConfigDict,
+                  ckpt: checkpointing.Checkpointer) -> None:
+  """Stops the run (stop mode) once a step was non-finite; its state is the last good one."""
+  skipped = int(m["skipped"])
+  if skipped and not config.skip_nonfinite:
+    ckpt.close()
+    first = step - skipped + 1
+    good = ckpt.all_steps()
+    raise NonFiniteLossError(
+        f"non-finite loss or gradient at step {first}; the run stopped. Last good checkpoint: "
+        f"{'step ' + str(good[-1]) if good else 'none'}. Lower config.optimizer.base_lr, set "
+        "config.optimizer.grad_clip_norm, or set config.skip_nonfinite=True to skip such steps.")
+
+
+def _progress(start: int, total: int):
+  import tqdm  # The bar only on process 0; elsewhere a silent stand-in.
+  return tqdm.tqdm(initial=start, total=total, desc="train", unit="step",
+                   disable=jax.process_index() != 0, dynamic_ncols=True)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}/"))
+    elif isinstance(v, (int, float, np.floating, np.integer)):
+      out[f"{prefix}{k}"] = float(v)
+  return out
