@@ -42,8 +42,8 @@ def base(method: str) -> ml_collections.ConfigDict:
   c.data.augment.erase_prob = 0.0
 
   c.model = ml_collections.ConfigDict()
-  c.model.stage_sizes = (1, 1, 1)
-  c.model.width = 32
+  c.model.stage_sizes = (1, 1, 1, 1)  # 128-d features; ~1100 img/s fwd+bwd on 2 CPU cores
+  c.model.width = 16
   c.model.projector_dims = (1024, 1024, 1024)
   c.model.dtype = "float32"  # compute dtype; 'bfloat16' keeps float32 parameters and loss
 
@@ -58,11 +58,11 @@ def base(method: str) -> ml_collections.ConfigDict:
   c.optimizer.grad_clip_norm = ml_collections.config_dict.placeholder(float)
 
   c.batch_size = 256  # global, over all devices of all processes
-  c.num_steps = 3000
+  c.num_steps = 2000  # 64 epochs of the 8k train split; ~17 min on 2 CPU cores
   c.log_every = 50
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
-  c.eval_every = 0  # 0: evaluate only at the end
+  c.eval_every = 0  # > 0: also a kNN monitor every this many steps; the full report at the end
   c.skip_nonfinite = False  # True: skip non-finite updates and count them; False: stop the run
 
   c.eval = ml_collections.ConfigDict()
@@ -83,6 +83,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.num_steps = 6
   c.log_every = 2
   c.checkpoint_every = 3
+  c.eval_every = 4
   c.optimizer.warmup_steps = 2
   c.eval.batch_size = 256
   c.eval.max_train_examples = 512

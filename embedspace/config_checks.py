@@ -51,6 +51,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     v = _get(c, key)
     _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, key, v,
              "must be a positive integer")
+  _require(isinstance(c.eval_every, int) and c.eval_every >= 0, "eval_every", c.eval_every,
+           "must be an integer >= 0 (0: evaluate only at the end)")
   for key in ("optimizer.base_lr",):
     v = _get(c, key)
     _require(isinstance(v, (int, float)) and v > 0, key, v, "must be a positive number")

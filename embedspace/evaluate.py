@@ -383,29 +383,33 @@ def _subsample(split: dict[str, np.ndarray], limit: int) -> dict[str, np.ndarray
 
 
 def _scores(train: dict[str, np.ndarray], test: dict[str, np.ndarray], key: str, *,
-            num_classes: int, config: Any) -> dict[str, float]:
+            num_classes: int, config: Any, probe: bool = True) -> dict[str, float]:
   knn = knn_classify(train[key], train["labels"], test[key], test["labels"],
                      num_classes=num_classes, k=config.eval.knn_k,
                      temperature=config.eval.knn_temperature, metric="cosine")
-  probe = linear_probe(train[key], train["labels"], test[key], test["labels"],
+  scores = {"knn_accuracy": float(knn)}
+  if probe:
+    fit = linear_probe(train[key], train["labels"], test[key], test["labels"],
                        num_classes=num_classes)
-  return {"knn_accuracy": float(knn), "linear_probe_accuracy": float(probe["accuracy"]),
-          "linear_probe_l2": float(probe["best_l2"])}
+    scores.update(linear_probe_accuracy=float(fit["accuracy"]),
+                  linear_probe_l2=float(fit["best_l2"]))
+  return scores
 
 
 def evaluate_run(config: Any, model: Any, variables: Any, mesh: Mesh, *,
-                 init_variables: Any | None = None) -> dict[str, Any]:
+                 init_variables: Any | None = None, knn_only: bool = False) -> dict[str, Any]:
   """kNN (k=`config.eval.knn_k`, cosine, weighted) and linear-probe accuracy on the eval split.
 
   Embeds `config.data.train_split` (the kNN keys and probe training set, at most
   `config.eval.max_train_examples` of it) and `config.data.eval_split` with the model in
   inference mode, and scores the encoder features and the projector embeddings. With
   `config.eval.baselines`, raw pixels and the model at `init_variables` (the randomly initialised
-  encoder) are measured the same way.
+  encoder) are measured the same way. `knn_only` gives just the trained encoder's kNN accuracy,
+  the cheap monitor run every `config.eval_every` steps.
 
   Returns:
-    `{"trained": {"encoder": scores, "projector": scores}, "random_init": {"encoder": scores},
-    "raw_pixels": scores, "num_train": int, "num_eval": int}`, scores being
+    `{"trained": {"encoder": scores, "projector": {"knn_accuracy"}}, "random_init":
+    {"encoder": scores}, "raw_pixels": scores, "num_train": int, "num_eval": int}`, scores being
     `{"knn_accuracy", "linear_probe_accuracy", "linear_probe_l2"}`.
   """
   from embedspace import data as data_lib  # Only the end-of-run evaluation reads datasets.
@@ -424,11 +428,16 @@ def evaluate_run(config: Any, model: Any, variables: Any, mesh: Mesh, *,
     return _subsample(out["train"], config.eval.max_train_examples), out["test"]
 
   train, test = embedded(variables)
+  if knn_only:
+    return {"trained": {"encoder": _scores(train, test, "features", num_classes=num_classes,
+                                           config=config, probe=False)}}
   report = {
       "trained": {"encoder": _scores(train, test, "features", num_classes=num_classes,
                                      config=config),
+                  # kNN only: a probe on the wide projector output costs more than the
+                  # rest of the evaluation together, and the encoder is what transfers.
                   "projector": _scores(train, test, "embeddings", num_classes=num_classes,
-                                       config=config)},
+                                       config=config, probe=False)},
       "num_train": int(len(train["labels"])), "num_eval": int(len(test["labels"])),
   }
   if config.eval.baselines:

@@ -148,7 +148,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
 
   health_keys = embedding_health(z1, z2, axis_name=None).keys()
   health = jax.lax.cond(
-      state.step % config.log_every == 0,
+      (state.step % config.log_every == 0) | (state.step == config.num_steps - 1),
       lambda: embedding_health(z1, z2, axis_name=axis_name),
       lambda: {k: jnp.zeros((), jnp.float32) for k in health_keys})
   metrics = {
@@ -217,6 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.batch_size % n_dev or config.batch_size % n_proc:
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the number of "
                      f"devices ({n_dev}); try {max(n_dev, config.batch_size // n_dev * n_dev)}")
+  workdir = os.path.abspath(workdir)
   check_workdir_config(config, workdir)
   logging.info("process %d/%d, local devices %s, mesh %s", jax.process_index(), n_proc,
                jax.local_devices(), dict(mesh.shape))
@@ -277,6 +278,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.warning("SIGTERM: saved step %d to %s; rerun the same command to resume",
                         done, workdir)
         raise Preempted(done)
+      if config.eval_every and done % config.eval_every == 0 and done != config.num_steps:
+        knn = evaluate.evaluate_run(
+            config, model, {"params": state.params, "batch_stats": state.batch_stats}, mesh,
+            knn_only=True)["trained"]["encoder"]["knn_accuracy"]
+        writer.write_scalars(done, {"eval/trained/encoder/knn_accuracy": knn})
+        progress.write(f"step {done}: kNN accuracy {knn:.4f}")
       if done % config.checkpoint_every == 0 and done != config.num_steps:
         _check_finite(_to_host(metrics), done, config, ckpt)
         ckpt.save(done, state, data_iter)

@@ -96,6 +96,16 @@ def test_pmap_runs_the_same_per_device_step():
                jax.device_get(state.params), state_ref.params)
 
 
+def test_bfloat16_compute_keeps_float32_parameters_and_loss():
+  config = _smoke("simclr", log_every=1)
+  config.model.dtype = "bfloat16"
+  ref_losses, _ = _run_steps(_smoke("simclr", log_every=1), jax.devices()[:8],
+                             _batches(2, config.batch_size))
+  losses, state = _run_steps(config, jax.devices()[:8], _batches(2, config.batch_size))
+  assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state.params))
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-2)
+
+
 def test_nonfinite_update_is_skipped_or_freezes_the_state():
   config = _smoke("vicreg", log_every=1)
   batches = _batches(3, config.batch_size)
@@ -137,6 +147,9 @@ def test_smoke_run_end_to_end_and_resume_after_preemption(tmp_path, monkeypatch)
   records = [r for r in metrics_lib.read_jsonl(os.path.join(full, "metrics.jsonl")) if "loss" in r]
   assert records[-1]["step"] == config.num_steps and np.isfinite(records[-1]["loss"])
   assert {"health/effective_rank", "loss/variance", "images_per_sec"} <= set(records[0])
+  monitor = [r for r in metrics_lib.read_jsonl(os.path.join(full, "metrics.jsonl"))
+             if "eval/trained/encoder/knn_accuracy" in r]
+  assert [r["step"] for r in monitor] == [config.eval_every, config.num_steps]
   assert 0.0 <= report["trained"]["encoder"]["knn_accuracy"] <= 1.0
 
   # Same command, preempted by SIGTERM after 4 steps, then rerun: bit-identical parameters.
