@@ -4,14 +4,17 @@
 
 Several processes (TPU hosts, GPU nodes, or localhost) start with the arguments of
 `jax.distributed.initialize`: --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
-Exit codes: 0 done, 2 bad input (one line names it), 3 non-finite loss, 75 preempted (SIGTERM;
-a checkpoint was written: rerun the same command to resume).
+Exit codes: 0 done, 2 bad input (one line `error: ...` names it and the fix; nothing is written),
+3 non-finite loss (the last good checkpoint is kept), 75 preempted (SIGTERM; a checkpoint of the
+step in progress was written: rerun the same command to resume).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
+from typing import NoReturn
 
 from absl import app
 from absl import flags
@@ -39,9 +42,26 @@ def default_workdir() -> str:
   return os.path.join("workdirs", f"{name}_{variant}" if variant else name)
 
 
+def fail(message: str, code: int = BAD_INPUT_EXIT_CODE) -> NoReturn:
+  """Prints `error: message` as one line to stderr and exits with `code`."""
+  print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing, with any mistake in a flag or the config file as one line and exit 2."""
+  try:
+    args = FLAGS(list(argv))
+    FLAGS.config.keys()  # A file that failed to load raises on first use: make that here.
+  except Exception as e:  # Any error here comes from what the user typed.
+    from embedspace.config_checks import describe_flag_error
+    fail(describe_flag_error(e, argv))
+  return args
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    fail(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
   import jax  # After flag parsing, so --help is fast.
 
   from embedspace import checkpointing, train
@@ -56,15 +76,13 @@ def main(argv: list[str]) -> None:
     print(f"--workdir not given; using {workdir}", flush=True)
   try:
     report = train.train_and_evaluate(FLAGS.config, workdir)
-  except (ConfigError, FileNotFoundError, checkpointing.NoIntactCheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(BAD_INPUT_EXIT_CODE)
+  except (ConfigError, checkpointing.NoIntactCheckpointError) as e:
+    fail(str(e))
   except train.NonFiniteLossError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(NONFINITE_EXIT_CODE)
+    fail(str(e), NONFINITE_EXIT_CODE)
   logging.info("evaluation: %s", report)
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

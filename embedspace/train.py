@@ -37,7 +37,7 @@ from embedspace import metrics as metrics_lib
 from embedspace import models
 from embedspace import optim
 from embedspace import parallel
-from embedspace.config_checks import validate_config, check_workdir_config
+from embedspace.config_checks import ConfigError, check_data, check_workdir_config, validate_config
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved a checkpoint on SIGTERM; rerun the same command.
 
@@ -207,7 +207,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns the evaluation report (also written to `workdir/eval.json`).
 
   Raises:
-    ValueError: bad config values (the message names the key).
+    ConfigError: bad config values, dataset or workdir (the message names the key and the fix).
+    checkpointing.NoIntactCheckpointError: the workdir has checkpoints and none can be restored.
     NonFiniteLossError: the loss became non-finite and `config.skip_nonfinite` is False.
     Preempted: SIGTERM arrived; a checkpoint of the current step was written.
   """
@@ -215,8 +216,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = parallel.make_mesh()
   n_dev, n_proc = mesh.devices.size, jax.process_count()
   if config.batch_size % n_dev or config.batch_size % n_proc:
-    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the number of "
-                     f"devices ({n_dev}); try {max(n_dev, config.batch_size // n_dev * n_dev)}")
+    raise ConfigError(
+        f"config.batch_size={config.batch_size} is not divisible by the {n_dev} devices; pass "
+        f"--config.batch_size={max(n_dev, config.batch_size // n_dev * n_dev)}")
+  check_data(config)
   workdir = os.path.abspath(workdir)
   check_workdir_config(config, workdir)
   logging.info("process %d/%d, local devices %s, mesh %s", jax.process_index(), n_proc,
@@ -247,6 +250,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("resumed from step %d in %s", start, workdir)
   else:
     start = 0
+    if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+      logging.warning("%s holds metrics of an earlier start but no checkpoint: training starts "
+                      "from step 0", workdir)
   p_step = make_parallel_step(mesh, model=model, tx=tx, config=config)
   writer = metrics_lib.MetricWriter(workdir)
   schedule = optim.learning_rate_schedule(config)

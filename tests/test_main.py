@@ -57,6 +57,9 @@ def test_workdir_from_another_config_and_unwritable_workdir(tmp_path):
   config = vicreg.get_config("smoke")
   config_checks.check_workdir_config(config, str(tmp_path / "run"))
   config.model.width = 16
+  config_checks.check_workdir_config(config, str(tmp_path / "run"))  # No checkpoint yet: fine.
+  (tmp_path / "run" / "checkpoints" / "2").mkdir(parents=True)
+  config.model.width = 32
   with pytest.raises(config_checks.ConfigError, match=r"model\.width"):
     config_checks.check_workdir_config(config, str(tmp_path / "run"))
   (tmp_path / "a_file").write_text("x")
