@@ -30,6 +30,8 @@ setuptools.setup(
         "matplotlib>=3.9",
     ],
     extras_require={
+        # t-SNE maps in the evaluation report; without it they are skipped with a note.
+        "tsne": ["scikit-learn>=1.5"],
         "test": [
             "pytest>=9.0",
             "pytest-xdist>=3.8",

@@ -72,6 +72,9 @@ def base(method: str) -> ml_collections.ConfigDict:
   c.eval.knn_temperature = 0.07
   c.eval.max_train_examples = 0  # 0: all
   c.eval.baselines = True  # raw pixels and the randomly initialised encoder, measured the same way
+  # True: also kNN/retrieval under every measure, OOD vs MNIST, geometry report and plots in
+  # workdir/eval (see `python -m embedspace.evaluate`); False: kNN + probe + baselines only.
+  c.eval.full = True
   return c
 
 
@@ -88,4 +91,5 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 2
   c.eval.batch_size = 256
   c.eval.max_train_examples = 512
+  c.eval.full = False
   return c

@@ -1,33 +1,44 @@
-"""Evaluation primitives: embed a dataset, then score its embedding space by kNN and linear probes.
+"""Evaluate a trained embedding space: `python -m embedspace.evaluate --workdir=DIR`.
 
-These are the two monitors of self-supervised papers. The weighted kNN classifier of Wu et al.
-(2018), "Unsupervised Feature Learning via Non-Parametric Instance Discrimination", as used by
-DINO (Caron et al. 2021), needs no training and is cheap enough to run every few epochs; its
-neighbours come from `geometry.top_k`, which scans the training set in blocks, and the queries
-are processed in blocks too, so memory stays `O(query_block * key_block)` and no `[N, N]` matrix
-is ever formed. The linear probe (multinomial logistic regression on frozen, standardised
-features, e.g. SimCLR Sec. B.6) is fitted full-batch with L-BFGS, its L2 strength chosen on a
-held-out slice of the training set, as in the linear evaluation of the SimCLR and VICReg papers.
+The orchestrator of the evaluation, run at the end of every training run (`evaluate_run`) and on
+any training workdir from the command line. It embeds the train and eval splits once with the
+jitted encoder over every device (`embed`: the same `jax.jit(jax.shard_map(...))` path as
+training, fixed-size padded batches, padding rows dropped), then measures the space with the
+modules that own each concern:
 
-`embed` runs the model's forward pass over an iterable of fixed-size, padded batches with the
-same `jax.jit(jax.shard_map(...))` path as training (see `parallel`), and returns numpy arrays
-with the padding rows dropped.
+- `probes`: the weighted kNN monitor (Wu et al. 2018; DINO) and the linear probe;
+- `retrieval`: kNN accuracy and retrieval (mAP, recall@k) under every measure of the founding
+  note (Hamming on SimHash codes, Manhattan, Euclidean, cosine, negative arc length, Mahalanobis);
+- `ood`: out-of-distribution detection against MNIST digits (Lee et al. 2018; Sun et al. 2022);
+- `report`: hypersphere geometry (Wang & Isola 2020), collapse checks, PNGs and `report.md`.
+
+Everything pairwise is blockwise (queries in blocks against key blocks), so memory grows with
+`block * N`, never `N * N`. Each space is measured beside the same baselines: raw pixels and the
+randomly initialised encoder, because a number means little without them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
-from embedspace import geometry, parallel
+from embedspace import ood, parallel, report as report_lib, retrieval
+from embedspace.probes import knn_classify, knn_predict, linear_probe
+
+__all__ = ["embed", "evaluate_run", "knn_classify", "knn_predict", "linear_probe",
+           "load_workdir", "evaluate_workdir"]
 
 ApplyFn = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
 
@@ -41,6 +52,13 @@ def _to_numpy(x: jax.Array) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(x)
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _sharded_forward(apply_fn: ApplyFn, mesh: Mesh) -> Callable[..., Any]:
+  """One jitted forward per (apply_fn, mesh): the evaluation embeds ~7 datasets with it."""
+  return jax.jit(parallel.sharded(
+      apply_fn, mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=P(parallel.AXIS)))
 
 
 def embed(apply_fn: ApplyFn, variables: Any, batches: Iterable[Mapping[str, np.ndarray]], *,
@@ -68,8 +86,7 @@ def embed(apply_fn: ApplyFn, variables: Any, batches: Iterable[Mapping[str, np.n
     ValueError: if `batches` is empty, a batch lacks 'image' or 'label', its arrays disagree on
       the batch size, or the batch size is not divisible by the device count.
   """
-  forward = jax.jit(parallel.sharded(
-      apply_fn, mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=P(parallel.AXIS)))
+  forward = _sharded_forward(apply_fn, mesh)
   variables = parallel.replicate(mesh, variables)
   n_local = len(mesh.local_devices)
 
@@ -106,263 +123,15 @@ def embed(apply_fn: ApplyFn, variables: Any, batches: Iterable[Mapping[str, np.n
           "labels": labels[masks]}
 
 
-# ----------------------------------------------------------------------------------------------
-# Weighted k-nearest-neighbour classification.
-
-
-def _check_split(x: np.ndarray, y: np.ndarray, name: str, num_classes: int) -> None:
-  if x.ndim != 2 or y.shape != x.shape[:1]:
-    raise ValueError(
-        f"{name}_x must be [n, dim] and {name}_y [n]; got shapes {x.shape} and {y.shape}.")
-  if not np.issubdtype(y.dtype, np.integer):
-    raise ValueError(f"{name}_y must hold integer class ids; got dtype {y.dtype}.")
-  if y.size and (y.min() < 0 or y.max() >= num_classes):
-    raise ValueError(
-        f"{name}_y must lie in [0, num_classes={num_classes}); got range [{y.min()}, {y.max()}].")
-
-
-@functools.partial(jax.jit, static_argnames=("metric", "k", "weighted", "num_classes", "key_block"))
-def _knn_block(queries: jax.Array, keys: jax.Array, key_labels: jax.Array,
-               temperature: jax.Array, *, metric: str, k: int, weighted: bool, num_classes: int,
-               key_block: int) -> jax.Array:
-  """Class votes of one block of queries: [q, d] -> [q, num_classes]."""
-  values, indices = geometry.top_k(queries, keys, metric=metric, k=k, block_size=key_block)
-  closeness = values if geometry.is_similarity(metric) else -values
-  if weighted:
-    # Shifting by the closest neighbour's value scales a query's weights by one constant (same
-    # vote) and keeps exp() finite for distances of any scale.
-    weights = jnp.exp((closeness - closeness[:, :1]) / temperature)
-  else:
-    weights = jnp.ones_like(closeness)
-  onehot = jax.nn.one_hot(key_labels[indices], num_classes, dtype=weights.dtype)
-  return jnp.einsum("qk,qkc->qc", weights, onehot)
-
-
-def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, *, num_classes: int,
-                k: int = 20, metric: str = "cosine", temperature: float = 0.07,
-                weighted: bool = True, query_block: int = 1024,
-                key_block: int = 4096) -> np.ndarray:
-  """Weighted kNN votes: the predicted class of every test point (see `knn_classify`).
-
-  Args and Raises: as `knn_classify` (without the test labels).
-
-  Returns:
-    int32 `[M]` predicted classes.
-  """
-  train_x, train_y, test_x = np.asarray(train_x), np.asarray(train_y), np.asarray(test_x)
-  _check_split(train_x, train_y, "train", num_classes)
-  if test_x.ndim != 2 or test_x.shape[1] != train_x.shape[1]:
-    raise ValueError(
-        f"test_x must be [m, {train_x.shape[1]}] like train_x; got shape {test_x.shape}.")
-  if not 1 <= k <= len(train_x):
-    raise ValueError(f"k must be in [1, number of training points = {len(train_x)}]; got {k}.")
-  if weighted and not temperature > 0:
-    raise ValueError(f"temperature must be > 0; got {temperature}.")
-  if query_block < 1 or key_block < 1:
-    raise ValueError(f"query_block and key_block must be >= 1; got {query_block}, {key_block}.")
-  geometry.is_similarity(metric)  # raises on an unknown metric
-
-  keys = jnp.asarray(train_x, jnp.float32)
-  key_labels = jnp.asarray(train_y, jnp.int32)
-  block = min(query_block, len(test_x))
-  preds = []
-  for start in range(0, len(test_x), block):
-    q = test_x[start:start + block]
-    n = len(q)
-    if n < block:  # pad the last block so that every block reuses one compiled program
-      q = np.concatenate([q, np.zeros((block - n, q.shape[1]), q.dtype)])
-    votes = _knn_block(
-        jnp.asarray(q, jnp.float32), keys, key_labels, jnp.float32(temperature), metric=metric,
-        k=k, weighted=weighted, num_classes=num_classes, key_block=key_block)
-    preds.append(jnp.argmax(votes[:n], axis=-1))
-  if not preds:
-    return np.zeros((0,), np.int32)
-  return np.concatenate([np.asarray(p) for p in preds]).astype(np.int32)
-
-
-def knn_classify(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-                 test_y: np.ndarray, *, num_classes: int, k: int = 20, metric: str = "cosine",
-                 temperature: float = 0.07, weighted: bool = True, query_block: int = 1024,
-                 key_block: int = 4096) -> float:
-  """Accuracy of the weighted kNN classifier (Wu et al. 2018; DINO's `eval_knn.py`).
-
-  Each test point takes its `k` nearest training points under `metric` (`geometry.top_k`) and
-  predicts `argmax_c sum_{j in kNN} w_j [y_j = c]`, where
-    w_j = exp(s_j / T)   for similarities s (cosine, negative_arc_length), and
-    w_j = exp(-d_j / T)  for distances d (euclidean, sqeuclidean, ...),
-  or w_j = 1 with `weighted=False` (majority vote). The defaults k=20, T=0.07 with cosine are
-  DINO's. For a distance, T is in the distance's units: on unit-norm features,
-  sqeuclidean = 2 - 2 cos, so sqeuclidean with T = 0.14 is exactly cosine with T = 0.07;
-  scale T with the typical distance otherwise. Ties of class scores go to the lower class id,
-  ties of distances to the lower training index.
-
-  Memory: queries in blocks of `query_block`, keys in blocks of `key_block`; the largest
-  intermediate is `[query_block, key_block + k]`.
-
-  Args:
-    train_x: `[N, d]` features of the labelled set searched.
-    train_y: `[N]` int class ids in `[0, num_classes)`.
-    test_x: `[M, d]` query features.
-    test_y: `[M]` int class ids.
-    num_classes: number of classes C.
-    k: neighbours per query, `1 <= k <= N`.
-    metric: a name from `geometry.METRICS` other than "mahalanobis".
-    temperature: T > 0 (unused when `weighted=False`).
-    weighted: weight the votes (True) or count them.
-    query_block: test points per step.
-    key_block: training points per step of `geometry.top_k`.
-
-  Returns:
-    Fraction of test points whose predicted class is `test_y`.
-
-  Raises:
-    ValueError: on mismatched shapes, an empty test set, labels outside `[0, num_classes)`,
-      k outside [1, N], T <= 0, non-positive block sizes or an unknown metric.
-  """
-  test_y = np.asarray(test_y)
-  _check_split(np.asarray(test_x), test_y, "test", num_classes)
-  if not len(test_y):
-    raise ValueError("knn_classify got an empty test set.")
-  preds = knn_predict(train_x, train_y, test_x, num_classes=num_classes, k=k, metric=metric,
-                      temperature=temperature, weighted=weighted, query_block=query_block,
-                      key_block=key_block)
-  return float(np.mean(preds == test_y)) if len(test_y) else 0.0
-
-
-# ----------------------------------------------------------------------------------------------
-# Linear probe.
-
-
-@functools.partial(jax.jit, static_argnames=("num_classes", "max_steps"))
-def _fit_logistic(x: jax.Array, y: jax.Array, weight: jax.Array, l2: jax.Array, *,
-                  num_classes: int, max_steps: int, tol: jax.Array) -> tuple[Any, jax.Array]:
-  """L-BFGS fit of weighted, L2-regularised softmax regression on standardised features.
-
-  The mean and standard deviation of the features are those of the rows with weight 1, so the
-  held-out rows (weight 0) leak nothing into the fit. Returns ((mean, std, W, b), iterations).
-  """
-  total = jnp.sum(weight)
-  mean = jnp.sum(weight[:, None] * x, axis=0) / total
-  var = jnp.sum(weight[:, None] * (x - mean) ** 2, axis=0) / total
-  std = jnp.sqrt(var + 1e-8)
-  z = (x - mean) / std
-  onehot = jax.nn.one_hot(y, num_classes, dtype=x.dtype)
-
-  def loss(params):
-    w, b = params
-    logits = z @ w + b
-    nll = -jnp.sum(onehot * jax.nn.log_softmax(logits), axis=-1)
-    return jnp.sum(weight * nll) / total + 0.5 * l2 * jnp.sum(w * w)
-
-  params = (jnp.zeros((x.shape[1], num_classes), x.dtype), jnp.zeros((num_classes,), x.dtype))
-  solver = optax.lbfgs()
-  value_and_grad = optax.value_and_grad_from_state(loss)
-
-  def step(carry):
-    params, state = carry
-    value, grad = value_and_grad(params, state=state)
-    updates, state = solver.update(grad, state, params, value=value, grad=grad, value_fn=loss)
-    return optax.apply_updates(params, updates), state
-
-  def keep_going(carry):
-    _, state = carry
-    count = optax.tree.get(state, "count")
-    grad_norm = optax.tree.norm(optax.tree.get(state, "grad"))
-    return (count == 0) | ((count < max_steps) & (grad_norm >= tol))
-
-  params, state = jax.lax.while_loop(keep_going, step, (params, solver.init(params)))
-  return (mean, std, *params), optax.tree.get(state, "count")
-
-
-@jax.jit
-def _accuracy(probe: Any, x: jax.Array, y: jax.Array) -> jax.Array:
-  mean, std, w, b = probe
-  return jnp.mean(jnp.argmax(((x - mean) / std) @ w + b, axis=-1) == y)
-
-
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-                 test_y: np.ndarray, *, num_classes: int,
-                 l2_grid: Sequence[float] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0),
-                 val_fraction: float = 0.2, steps: int = 500, tol: float = 1e-5,
-                 seed: int = 0) -> dict[str, Any]:
-  """Test accuracy of an L2-regularised multinomial logistic regression on frozen features.
-
-  Features are standardised with the training statistics, `z = (x - mean) / std`, and the probe
-  minimises, full batch,
-    L(W, b) = 1/n sum_i -log softmax(W^T z_i + b)_{y_i} + l2/2 ||W||_F^2
-  with L-BFGS (`optax.lbfgs`, zoom line search) until the gradient norm falls below `tol` or
-  after `steps` iterations. `l2` is chosen from `l2_grid` by accuracy on a random `val_fraction`
-  of the training set (the probe being fitted on the rest; ties go to the stronger
-  regularisation); the probe is then refitted on the whole training set and scored on the test
-  set. One compiled program serves every fit (held-out rows get weight 0 instead of being cut),
-  so the cost is `(len(l2_grid) + 1)` L-BFGS runs of `O(steps * n * d * C)`; 8k x 512 features
-  with 10 classes take a few seconds on 2 CPU cores.
-
-  Args:
-    train_x: `[N, d]` features (any float dtype; fitted in float32).
-    train_y: `[N]` int class ids in `[0, num_classes)`.
-    test_x: `[M, d]` features.
-    test_y: `[M]` int class ids.
-    num_classes: C.
-    l2_grid: candidate regularisation strengths (> 0 keeps the problem strongly convex).
-    val_fraction: share of the training set held out to choose `l2`, in (0, 1).
-    steps: maximum L-BFGS iterations per fit.
-    tol: gradient-norm tolerance that ends a fit early.
-    seed: of the random validation split.
-
-  Returns:
-    dict with 'accuracy' (test, float), 'best_l2', 'val_accuracy' (at best_l2),
-    'val_accuracies' ({l2: accuracy}), 'train_accuracy' (of the refitted probe) and
-    'iterations' (L-BFGS iterations of the refit; `steps` means it hit the cap).
-
-  Raises:
-    ValueError: on mismatched shapes, an empty test set, labels outside `[0, num_classes)`, an
-      empty grid, negative l2 or a split that leaves no row on either side.
-  """
-  train_x, train_y = np.asarray(train_x, np.float32), np.asarray(train_y)
-  test_x, test_y = np.asarray(test_x, np.float32), np.asarray(test_y)
-  _check_split(train_x, train_y, "train", num_classes)
-  _check_split(test_x, test_y, "test", num_classes)
-  if test_x.shape[1] != train_x.shape[1]:
-    raise ValueError(f"train_x and test_x differ in dim: {train_x.shape} vs {test_x.shape}.")
-  if not len(test_x):
-    raise ValueError("linear_probe got an empty test set.")
-  if not l2_grid or min(l2_grid) < 0:
-    raise ValueError(f"l2_grid must be a non-empty sequence of values >= 0; got {l2_grid}.")
-  n = len(train_x)
-  n_val = int(round(val_fraction * n))
-  if not 0 < n_val < n:
-    raise ValueError(
-        f"val_fraction={val_fraction} of {n} training rows leaves no row for validation or for "
-        f"fitting.")
-
-  x, y = jnp.asarray(train_x), jnp.asarray(train_y, jnp.int32)
-  val_rows = np.random.default_rng(seed).permutation(n)[:n_val]
-  fit_weight = np.ones((n,), np.float32)
-  fit_weight[val_rows] = 0.0
-  x_val, y_val = x[val_rows], y[val_rows]
-  fit = functools.partial(_fit_logistic, num_classes=num_classes, max_steps=steps,
-                          tol=jnp.float32(tol))
-
-  val_accuracies = {}
-  for l2 in sorted(l2_grid, reverse=True):
-    probe, _ = fit(x, y, jnp.asarray(fit_weight), jnp.float32(l2))
-    val_accuracies[float(l2)] = float(_accuracy(probe, x_val, y_val))
-  best_l2 = max(val_accuracies, key=val_accuracies.get)  # first maximum: the largest l2
-
-  probe, iterations = fit(x, y, jnp.ones((n,), jnp.float32), jnp.float32(best_l2))
-  return {
-      "accuracy": float(_accuracy(probe, jnp.asarray(test_x), jnp.asarray(test_y, jnp.int32))),
-      "best_l2": best_l2,
-      "val_accuracy": val_accuracies[best_l2],
-      "val_accuracies": val_accuracies,
-      "train_accuracy": float(_accuracy(probe, x, y)),
-      "iterations": int(iterations),
-  }
-
 
 # ----------------------------------------------------------------------------------------------
 # The evaluation of a training run: trained model beside its two baselines.
+
+OOD_DATASET = "embedded_mnist"
+"""Out-of-distribution data of the default run: the MNIST test digits shipped in the package."""
+
+_MAP_POINTS = 2000
+"""Eval points drawn in the 2-D maps (t-SNE costs ~10 s per space for 2k points on 2 cores)."""
 
 
 def _raw_pixels(loader: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -396,28 +165,119 @@ def _scores(train: dict[str, np.ndarray], test: dict[str, np.ndarray], key: str,
   return scores
 
 
-def evaluate_run(config: Any, model: Any, variables: Any, mesh: Mesh, *,
-                 init_variables: Any | None = None, knn_only: bool = False) -> dict[str, Any]:
-  """kNN (k=`config.eval.knn_k`, cosine, weighted) and linear-probe accuracy on the eval split.
+class _Renormalized:
+  """`source` read as it is, but with another dataset's normalisation in its `.info`.
 
-  Embeds `config.data.train_split` (the kNN keys and probe training set, at most
-  `config.eval.max_train_examples` of it) and `config.data.eval_split` with the model in
-  inference mode, and scores the encoder features and the projector embeddings. With
-  `config.eval.baselines`, raw pixels and the model at `init_variables` (the randomly initialised
-  encoder) are measured the same way. `knn_only` gives just the trained encoder's kNN accuracy,
-  the cheap monitor run every `config.eval_every` steps.
+  Out-of-distribution images must go through the in-distribution pipeline: normalising MNIST
+  with its own mean and std would move it towards Fashion-MNIST before the model sees it.
+  """
+
+  def __init__(self, source: Any, like: Any):
+    self.source = source
+    self.info = dataclasses.replace(source.info, mean=like.mean, std=like.std)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self.source[index]
+
+
+def _two_views(config: Any, source: Any, apply_fn: Any, variables: Any, mesh: Mesh, *,
+               max_points: int) -> dict[str, np.ndarray] | None:
+  """Two augmented views (the training augmentation) of up to `max_points` eval images.
+
+  Returns `{"features1", "features2", "embeddings1", "embeddings2", "pixels1", "pixels2"}`
+  (row i of each pair shows the same image; pixels are this process's rows only), or None when
+  the split is smaller than one batch per device.
+  """
+  from embedspace import data as data_lib
+
+  n_dev = mesh.devices.size
+  batch = min(config.eval.batch_size, len(source) // n_dev * n_dev)
+  if batch < n_dev:
+    return None
+  loader = data_lib.ssl_loader(source, global_batch_size=batch, seed=config.seed,
+                               image_size=config.data.image_size,
+                               augment=config.data.augment.to_dict(), num_epochs=1,
+                               shuffle=False)
+  views = {"view1": [], "view2": []}
+  for i, b in enumerate(loader):
+    if i * batch >= max_points:
+      break
+    for v in views:
+      views[v].append({"image": b[v], "label": b["label"]})
+  out = {}
+  for i, (v, batches) in enumerate(views.items(), start=1):
+    embedded = embed(apply_fn, variables, batches, mesh=mesh)
+    out[f"features{i}"] = embedded["features"]
+    out[f"embeddings{i}"] = embedded["embeddings"]
+    out[f"pixels{i}"] = np.concatenate(
+        [np.reshape(b["image"], (len(b["image"]), -1)) for b in batches]).astype(np.float32)
+  return out
+
+
+def evaluate_run(config: Any, model: Any, variables: Any, mesh: Mesh, *,
+                 init_variables: Any | None = None, knn_only: bool = False,
+                 full: bool = True, out_dir: str | None = None,
+                 ood_dataset: str | None = OOD_DATASET,
+                 code_lengths: tuple[int, ...] = retrieval.DEFAULT_CODE_LENGTHS,
+                 ood_k: int = 50, max_pair_points: int = 1024, tsne: bool = True,
+                 step: int | None = None, command: str = "") -> dict[str, Any]:
+  """The whole evaluation of an embedding model on `config.data`'s train and eval splits.
+
+  Embeds `config.data.train_split` (the kNN database, probe training set and OOD fit set; at
+  most `config.eval.max_train_examples` of it) and `config.data.eval_split` with the model in
+  inference mode, then measures the encoder features and the projector embeddings:
+
+  - "trained"/"random_init"/"raw_pixels": weighted cosine kNN (k=`config.eval.knn_k`) and the
+    linear probe; the baselines (raw pixels, the encoder at `init_variables`) when
+    `config.eval.baselines`.
+  - "measures": `{space: retrieval.measure_table(...)}`, kNN accuracy (majority vote) and
+    retrieval mAP / recall@1,5,10 under every measure, for encoder, projector and raw pixels.
+  - "ood": AUROC and FPR95 of every `ood.SCORES` score, eval split against `ood_dataset`'s test
+    split (read through the in-distribution normalisation), on encoder, projector and raw pixels.
+  - "geometry": `report.hypersphere_report` of the eval split per space (alignment of two
+    augmented views, uniformity, effective rank, dimension usage, geodesic distances,
+    class-similarity matrix, same- vs different-class separation per measure).
+
+  `knn_only` gives just the trained encoder's kNN accuracy, the cheap monitor run every
+  `config.eval_every` steps; `full=False` stops after the kNN and probe scores and their
+  baselines (the evaluation before "measures" existed, ~3x cheaper). With `out_dir`, process 0
+  also writes `report.json`, `report.md` and the PNGs there.
+
+  Args:
+    config: the training config (`config.data`, `config.eval`, `config.seed`).
+    model: the `EmbeddingModel` (its batch-norm axis is dropped for inference).
+    variables: `{"params", "batch_stats"}` of the trained model.
+    mesh: the data-parallel mesh.
+    init_variables: variables of the randomly initialised model (baseline), or None.
+    knn_only: only the trained encoder's cosine kNN accuracy.
+    full: also "measures", "ood" and "geometry" (and the pictures with `out_dir`).
+    out_dir: where to write the report and pictures (None: numbers only).
+    ood_dataset: the OOD dataset name for `data.get_source`, or None/"" to skip OOD.
+    code_lengths: bits of the Hamming (SimHash) codes.
+    ood_k: the neighbour of the kNN OOD score.
+    max_pair_points: points (and view pairs) used by the pair statistics of the geometry report.
+    tsne: draw t-SNE maps too (needs scikit-learn; ~10 s per space for 2k points).
+    step: the training step of `variables`, recorded in the report.
+    command: the command line, quoted in `report.md`.
 
   Returns:
-    `{"trained": {"encoder": scores, "projector": {"knn_accuracy"}}, "random_init":
-    {"encoder": scores}, "raw_pixels": scores, "num_train": int, "num_eval": int}`, scores being
-    `{"knn_accuracy", "linear_probe_accuracy", "linear_probe_l2"}`.
+    JSON-ready dict: "trained", "random_init", "raw_pixels", "num_train", "num_eval",
+    "measures", "ood", "geometry", "notes", "seconds" (and "step" when given).
+
+  Raises:
+    FileNotFoundError / ValueError: from `data.get_source` for a missing or unknown dataset.
   """
   from embedspace import data as data_lib  # Only the end-of-run evaluation reads datasets.
 
-  splits = {}
+  started = time.perf_counter()
+  splits, sources = {}, {}
   for role, split in (("train", config.data.train_split), ("test", config.data.eval_split)):
     source, info = data_lib.get_source(config.data.name, split=split,
                                        data_dir=config.data.data_dir)
+    sources[role] = source
     splits[role] = data_lib.eval_loader(source, batch_size=config.eval.batch_size,
                                         image_size=config.data.image_size)
   num_classes = info.num_classes
@@ -431,7 +291,7 @@ def evaluate_run(config: Any, model: Any, variables: Any, mesh: Mesh, *,
   if knn_only:
     return {"trained": {"encoder": _scores(train, test, "features", num_classes=num_classes,
                                            config=config, probe=False)}}
-  report = {
+  result: dict[str, Any] = {
       "trained": {"encoder": _scores(train, test, "features", num_classes=num_classes,
                                      config=config),
                   # kNN only: a probe on the wide projector output costs more than the
@@ -439,13 +299,268 @@ def evaluate_run(config: Any, model: Any, variables: Any, mesh: Mesh, *,
                   "projector": _scores(train, test, "embeddings", num_classes=num_classes,
                                        config=config, probe=False)},
       "num_train": int(len(train["labels"])), "num_eval": int(len(test["labels"])),
+      "knn_k": int(config.eval.knn_k),
   }
+  if step is not None:
+    result["step"] = int(step)
+  notes: list[str] = []
+  pixels = None
   if config.eval.baselines:
     if init_variables is not None:
       train0, test0 = embedded(init_variables)
-      report["random_init"] = {"encoder": _scores(train0, test0, "features",
+      result["random_init"] = {"encoder": _scores(train0, test0, "features",
                                                   num_classes=num_classes, config=config)}
-    pix_train = _subsample(_raw_pixels(splits["train"]), config.eval.max_train_examples)
-    report["raw_pixels"] = _scores(pix_train, _raw_pixels(splits["test"]), "features",
-                                   num_classes=num_classes, config=config)
-  return report
+    pixels = (_subsample(_raw_pixels(splits["train"]), config.eval.max_train_examples),
+              _raw_pixels(splits["test"]))
+    result["raw_pixels"] = _scores(*pixels, "features", num_classes=num_classes, config=config)
+
+  if not full:
+    return result
+  spaces = {"encoder": (train["features"], test["features"]),
+            "projector": (train["embeddings"], test["embeddings"])}
+  if pixels is not None:
+    spaces["raw_pixels"] = (pixels[0]["features"], pixels[1]["features"])
+
+  # Every measure: kNN and retrieval.
+  t0 = time.perf_counter()
+  result["measures"] = {
+      space: retrieval.measure_table(tr, train["labels"], te, test["labels"],
+                                     num_classes=num_classes, k=config.eval.knn_k,
+                                     code_lengths=code_lengths, seed=config.seed)
+      for space, (tr, te) in spaces.items()}
+  logging.info("evaluate: measures in %.1f s", time.perf_counter() - t0)
+
+  # Out-of-distribution detection.
+  ood_scores = {}
+  if ood_dataset:
+    t0 = time.perf_counter()
+    out_source, out_info = data_lib.get_source(ood_dataset, split="test",
+                                               data_dir=config.data.data_dir)
+    if out_info.channels != info.channels:
+      notes.append(f"OOD skipped: {ood_dataset} has {out_info.channels} channels, "
+                   f"{config.data.name} {info.channels}.")
+    else:
+      out_loader = data_lib.eval_loader(_Renormalized(out_source, info),
+                                        batch_size=config.eval.batch_size,
+                                        image_size=config.data.image_size)
+      outside = embed(apply_fn, variables, out_loader, mesh=mesh)
+      out_spaces = {"encoder": outside["features"], "projector": outside["embeddings"]}
+      if pixels is not None:
+        out_spaces["raw_pixels"] = _raw_pixels(out_loader)["features"]
+      metrics = {}
+      for space, out_x in out_spaces.items():
+        tr, te = spaces[space]
+        metrics[space], ood_scores[space] = ood.evaluate_ood(
+            tr, train["labels"], te, out_x, num_classes=num_classes, k=ood_k)
+      result["ood"] = {"in_distribution": f"{config.data.name}:{config.data.eval_split}",
+                       "out_of_distribution": f"{ood_dataset}:test",
+                       "num_out": int(len(outside["labels"])), "k": ood_k, "metrics": metrics}
+      logging.info("evaluate: OOD in %.1f s: encoder %s", time.perf_counter() - t0,
+                   ood.summarize(metrics["encoder"]))
+
+  # Hypersphere geometry of the eval split.
+  t0 = time.perf_counter()
+  views = _two_views(config, sources["test"], apply_fn, variables, mesh,
+                     max_points=max_pair_points)
+  geometry_numbers, geometry_arrays = {}, {}
+  for space, key in (("encoder", "features"), ("projector", "embeddings"),
+                     ("raw_pixels", "pixels")):
+    if space not in spaces:
+      continue
+    geometry_numbers[space], geometry_arrays[space] = report_lib.hypersphere_report(
+        spaces[space][1], test["labels"], num_classes=num_classes,
+        view1=None if views is None else views[f"{key}1"],
+        view2=None if views is None else views[f"{key}2"],
+        max_points=max_pair_points, seed=config.seed)
+  if views is None:
+    notes.append("alignment skipped: the eval split is smaller than one batch per device.")
+  result["geometry"] = geometry_numbers
+  logging.info("evaluate: geometry in %.1f s", time.perf_counter() - t0)
+  result["notes"] = notes
+  result["seconds"] = time.perf_counter() - started
+
+  if out_dir and jax.process_index() == 0:
+    _write_report(result, out_dir, test=test, spaces=spaces, ood_scores=ood_scores,
+                  geometry_arrays=geometry_arrays, class_names=info.class_names, tsne=tsne,
+                  seed=config.seed, command=command)
+    result["seconds"] = time.perf_counter() - started
+  return result
+
+
+def _write_report(result: dict[str, Any], out_dir: str, *, test: dict[str, np.ndarray],
+                  spaces: dict[str, tuple[np.ndarray, np.ndarray]],
+                  ood_scores: dict[str, Any], geometry_arrays: dict[str, Any],
+                  class_names: tuple[str, ...], tsne: bool, seed: int,
+                  command: str) -> None:
+  """PNGs, `report.json` and `report.md` in `out_dir`."""
+  os.makedirs(out_dir, exist_ok=True)
+  path = lambda name: os.path.join(out_dir, name)
+  images = {}
+  images["Which classes sit close: mean cosine similarity between classes"] = (
+      report_lib.plot_class_similarity(
+          {s: a["class_similarity"] for s, a in geometry_arrays.items()}, class_names,
+          path("class_similarity.png")))
+  for space, arrays in geometry_arrays.items():
+    images[f"Same- vs different-class pairs under every measure ({space})"] = (
+        report_lib.plot_pair_histograms(
+            arrays["pairs"], result["geometry"][space]["same_vs_different_class_auroc"],
+            f"{space}: pair values on the eval split", path(f"measures_{space}.png")))
+  images["Geodesic distances on the hypersphere"] = report_lib.plot_geodesic(
+      {s: a["geodesic"] for s, a in geometry_arrays.items()}, path("geodesic.png"))
+  images["Dimension usage (collapse check)"] = report_lib.plot_dimensions(
+      {s: a["dimensions"] for s, a in geometry_arrays.items()}, path("dimensions.png"))
+  if ood_scores:
+    images["OOD scores and ROC curves"] = report_lib.plot_ood(
+        ood_scores, result["ood"]["metrics"], path("ood.png"))
+  idx = np.sort(np.random.default_rng(seed).permutation(len(test["labels"]))[:_MAP_POINTS])
+  maps = {}
+  for space, (_, te) in spaces.items():
+    maps[f"{space} PCA"] = report_lib.pca_2d(te[idx])
+  if tsne:
+    for space, (_, te) in spaces.items():
+      xy = report_lib.tsne_2d(te[idx], seed=seed)
+      if xy is None:
+        result["notes"].append("t-SNE skipped: scikit-learn is not installed "
+                               "(pip install scikit-learn).")
+        break
+      maps[f"{space} t-SNE"] = xy
+  images["2-D maps of the eval split"] = report_lib.plot_maps(
+      maps, test["labels"][idx], class_names, path("maps.png"))
+  with open(path("report.json"), "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=1)
+  report_lib.write_markdown(result, images, path("report.md"), command=command,
+                            class_names=class_names)
+
+
+# ----------------------------------------------------------------------------------------------
+# A training workdir.
+
+
+def load_workdir(workdir: str) -> tuple[Any, Any, dict[str, Any], int]:
+  """The config, model and variables of the newest intact checkpoint of a training run.
+
+  Only the train state is read (not the data iterator); it is checked against the checkpoint's
+  integrity record (`checkpointing.verify_restored`). Damaged checkpoints are skipped with a
+  warning and left where they are (training moves them aside when it resumes).
+
+  Args:
+    workdir: a directory written by `train.train_and_evaluate` (`config.json`, `checkpoints/`).
+
+  Returns:
+    `(config, model, {"params", "batch_stats"}, step)`.
+
+  Raises:
+    FileNotFoundError: no `config.json` or no checkpoint in `workdir`.
+    checkpointing.NoIntactCheckpointError: checkpoints exist but none restores.
+  """
+  import ml_collections
+  import orbax.checkpoint as ocp
+
+  from embedspace import checkpointing, train
+
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{workdir} has no config.json: not a training workdir (train with "
+                            "python -m embedspace.main --config=... --workdir=DIR first).")
+  with open(config_path, encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(d) for d in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
+                 if d.isdigit())
+  if not steps:
+    raise FileNotFoundError(f"{workdir} has no checkpoint under {ckpt_dir}: the run saved "
+                            "nothing yet (checkpoints are written every config.checkpoint_every "
+                            "steps and at the end).")
+  failures = []
+  checkpointer = ocp.StandardCheckpointer()
+  for step in reversed(steps):
+    step_dir = os.path.join(ckpt_dir, str(step))
+    try:
+      state = checkpointer.restore(os.path.join(step_dir, "state"))
+      # Garbage bytes in an array file can restore silently wrong values: check the sha256
+      # record training wrote (checkpoints from before the record are taken as they are).
+      checkpointing.verify_restored(step_dir, state)
+    except Exception as e:  # orbax raises many types for damaged files; each one is reported.
+      reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+      logging.warning("checkpoint %s is damaged and is skipped (%s)", step, reason)
+      failures.append(f"step {step}: {reason}")
+      continue
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    return config, train.build_model(config), variables, step
+  raise checkpointing.NoIntactCheckpointError(
+      f"no checkpoint under {ckpt_dir} could be restored ({'; '.join(failures)}).")
+
+
+def evaluate_workdir(workdir: str, *, out_dir: str | None = None, mesh: Mesh | None = None,
+                     **kwargs: Any) -> dict[str, Any]:
+  """`evaluate_run` on the newest checkpoint of `workdir`; writes to `out_dir` (default DIR/eval).
+
+  The random-initialisation baseline is rebuilt from `config.seed` exactly as training built it.
+  Extra keyword arguments go to `evaluate_run`.
+
+  Raises:
+    As `load_workdir` and `evaluate_run`.
+  """
+  from embedspace import data as data_lib
+  from embedspace import optim, train
+
+  config, model, variables, step = load_workdir(workdir)
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  init_variables = None
+  if config.eval.baselines:
+    _, info = data_lib.get_source(config.data.name, split=config.data.eval_split,
+                                  data_dir=config.data.data_dir)
+    shape = (config.data.image_size, config.data.image_size, info.channels)
+    state = train.create_train_state(config, model, optim.make_optimizer(config), shape)
+    init_variables = {"params": state.params, "batch_stats": state.batch_stats}
+  out_dir = out_dir or os.path.join(workdir, "eval")
+  return evaluate_run(config, model, variables, mesh, init_variables=init_variables,
+                      out_dir=out_dir, step=step, **kwargs)
+  return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+
+def main(argv: list[str]) -> None:
+  from absl import flags
+
+  from embedspace import checkpointing
+
+  if len(argv) > 1:
+    raise SystemExit(f"unexpected arguments: {argv[1:]}")
+  flags_ = flags.FLAGS
+  command = "python -m embedspace.evaluate " + " ".join(sys.argv[1:])
+  try:
+    result = evaluate_workdir(
+        flags_.workdir, out_dir=flags_.out_dir, ood_dataset=flags_.ood_dataset or None,
+        tsne=flags_.tsne, max_pair_points=flags_.max_pair_points, command=command,
+        code_lengths=tuple(int(b) for b in flags_.code_lengths))
+  except (FileNotFoundError, checkpointing.NoIntactCheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  out_dir = flags_.out_dir or os.path.join(flags_.workdir, "eval")
+  enc = result["trained"]["encoder"]
+  print(f"step {result['step']}: encoder kNN {enc['knn_accuracy']:.4f}, linear probe "
+        f"{enc['linear_probe_accuracy']:.4f}; report in {out_dir}/report.md "
+        f"({result['seconds']:.0f} s)", flush=True)
+
+
+def _define_flags() -> None:
+  from absl import flags
+  flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).")
+  flags.DEFINE_string("out_dir", None, "Where report.md, report.json and PNGs go "
+                      "(default WORKDIR/eval).")
+  flags.DEFINE_string("ood_dataset", OOD_DATASET, "Out-of-distribution dataset ('' skips OOD).")
+  flags.DEFINE_bool("tsne", True, "Also draw t-SNE maps (scikit-learn).")
+  flags.DEFINE_integer("max_pair_points", 1024, "Points used by the pair statistics.")
+  flags.DEFINE_list("code_lengths", [str(b) for b in retrieval.DEFAULT_CODE_LENGTHS],
+                    "Bits of the Hamming (SimHash) codes.")
+  flags.mark_flag_as_required("workdir")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _define_flags()
+  app.run(main)

@@ -80,7 +80,9 @@ def main(argv: list[str]) -> None:
     fail(str(e))
   except train.NonFiniteLossError as e:
     fail(str(e), NONFINITE_EXIT_CODE)
-  logging.info("evaluation: %s", report)
+  summary = {name: report[name] for name in ("trained", "random_init", "raw_pixels")
+             if name in report}
+  print(f"evaluation ({workdir}/eval.json): {summary}", flush=True)
 
 
 if __name__ == "__main__":

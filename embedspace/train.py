@@ -301,7 +301,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   report = evaluate.evaluate_run(
       config, model, {"params": state.params, "batch_stats": state.batch_stats}, mesh,
-      init_variables=init_variables if config.eval.baselines else None)
+      init_variables=init_variables if config.eval.baselines else None, full=config.eval.full,
+      out_dir=os.path.join(workdir, "eval") if config.eval.full else None,
+      step=config.num_steps)
   writer.write_scalars(config.num_steps, {f"eval/{k}": v for k, v in _flatten(report).items()})
   writer.close()
   if jax.process_index() == 0:
