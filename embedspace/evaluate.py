@@ -516,7 +516,6 @@ def evaluate_workdir(workdir: str, *, out_dir: str | None = None, mesh: Mesh | N
   out_dir = out_dir or os.path.join(workdir, "eval")
   return evaluate_run(config, model, variables, mesh, init_variables=init_variables,
                       out_dir=out_dir, step=step, **kwargs)
-  return result
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from typing import NoReturn
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/vicreg.py.",
