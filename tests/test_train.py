@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from configs import barlow, simclr, vicreg
 from embedspace import metrics as metrics_lib
