@@ -458,6 +458,7 @@ def load_workdir(workdir: str) -> tuple[Any, Any, dict[str, Any], int]:
 
   from embedspace import checkpointing, train
 
+  workdir = os.path.abspath(workdir)  # orbax refuses relative paths.
   config_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"{workdir} has no config.json: not a training workdir (train with "
