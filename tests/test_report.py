@@ -131,10 +131,12 @@ def test_cli_on_a_smoke_workdir(smoke_workdir, tmp_path):
   _check_load_workdir_skips_a_damaged_newest_checkpoint(smoke_workdir, tmp_path)
   out = tmp_path / "eval"
   env = {**os.environ, "PYTHONPATH": os.getcwd()}
+  # A relative --workdir, as users type it (orbax itself needs absolute paths).
+  parent, name = os.path.split(os.fspath(smoke_workdir))
   proc = subprocess.run(
-      [sys.executable, "-m", "embedspace.evaluate", f"--workdir={smoke_workdir}",
+      [sys.executable, "-m", "embedspace.evaluate", f"--workdir={name}",
        f"--out_dir={out}", "--notsne", "--max_pair_points=256", "--code_lengths=16,256"],
-      capture_output=True, text=True, env=env, timeout=300)
+      capture_output=True, text=True, env=env, timeout=300, cwd=parent)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "report in" in proc.stdout
   with open(out / "report.json", encoding="utf-8") as f:
