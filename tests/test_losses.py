@@ -517,7 +517,9 @@ class BadInputTest(parameterized.TestCase):
       losses.decur_loss(self.z, self.z, self.z, self.z, num_common=num_common)
 
   def test_num_common_accepts_numpy_int(self):
-    losses.decur_loss(self.z, self.z, self.z, self.z, num_common=np.int64(3))
+    total, _ = losses.decur_loss(self.z, self.z, self.z, self.z, num_common=np.int64(3))
+    expected, _ = losses.decur_loss(self.z, self.z, self.z, self.z, num_common=3)
+    np.testing.assert_allclose(total, expected)
 
   def test_bad_metric_hyperparameters(self):
     with self.assertRaisesRegex(ValueError, "alpha.*> 0"):
