@@ -32,6 +32,8 @@ setuptools.setup(
     extras_require={
         # t-SNE maps in the evaluation report; without it they are skipped with a note.
         "tsne": ["scikit-learn>=1.5"],
+        # Embeddings as a faiss index (python -m embedspace.search --faiss_index=PATH).
+        "faiss": ["faiss-cpu>=1.15"],
         "test": [
             "pytest>=9.0",
             "pytest-xdist>=3.8",

@@ -174,6 +174,27 @@ def verify_restored(step_dir: str | epath.Path, state: Any) -> bool:
   return True
 
 
+def restore_state(step_dir: str | epath.Path, *, device: jax.Device | None = None) -> Any:
+  """The train state of the checkpoint `step_dir`, as nested dicts of arrays on one device.
+
+  orbax puts a restored array back on the devices that saved it unless it is given others, so a
+  checkpoint written by 8 devices or by several processes does not restore as it is where those
+  devices are missing ("Topology mismatch"). This takes shapes and dtypes from the checkpoint's
+  metadata and places every array on `device` (default: this process's first device), whatever
+  devices and processes wrote it. Check the result with `verify_restored(step_dir, state)`.
+
+  Raises:
+    Exception: whatever orbax raises for a missing or unreadable checkpoint.
+  """
+  path = epath.Path(step_dir) / "state"
+  sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(path).item_metadata
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                        metadata)
+  return checkpointer.restore(path, target)
+
+
 def _compare(record: dict[str, Any], state: Any) -> None:
   saved, actual = record["sha256"], state_digest(state)
   differ = sorted(k for k in saved.keys() | actual.keys() if saved.get(k) != actual.get(k))

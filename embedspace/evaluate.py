@@ -2,9 +2,9 @@
 
 The orchestrator of the evaluation, run at the end of every training run (`evaluate_run`) and on
 any training workdir from the command line. It embeds the train and eval splits once with the
-jitted encoder over every device (`embed`: the same `jax.jit(jax.shard_map(...))` path as
-training, fixed-size padded batches, padding rows dropped), then measures the space with the
-modules that own each concern:
+jitted encoder over every device (`inference.embed`: the same `jax.jit(jax.shard_map(...))`
+path as training, fixed-size padded batches, padding rows dropped), then measures the space with
+the modules that own each concern:
 
 - `probes`: the weighted kNN monitor (Wu et al. 2018; DINO) and the linear probe;
 - `retrieval`: kNN accuracy and retrieval (mAP, recall@k) under every measure of the founding
@@ -25,103 +25,20 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from embedspace import ood, parallel, report as report_lib, retrieval
+from embedspace.inference import LOAD_ERRORS, embed, load_workdir
 from embedspace.probes import knn_classify, knn_predict, linear_probe
 
 __all__ = ["embed", "evaluate_run", "knn_classify", "knn_predict", "linear_probe",
            "load_workdir", "evaluate_workdir"]
-
-ApplyFn = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
-
-
-# ----------------------------------------------------------------------------------------------
-# Embedding a dataset.
-
-
-def _to_numpy(x: jax.Array) -> np.ndarray:
-  """The whole global array on this host (gathered from the other processes when there are any)."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-@functools.lru_cache(maxsize=8)
-def _sharded_forward(apply_fn: ApplyFn, mesh: Mesh) -> Callable[..., Any]:
-  """One jitted forward per (apply_fn, mesh): the evaluation embeds ~7 datasets with it."""
-  return jax.jit(parallel.sharded(
-      apply_fn, mesh, in_specs=(P(), P(parallel.AXIS)), out_specs=P(parallel.AXIS)))
-
-
-def embed(apply_fn: ApplyFn, variables: Any, batches: Iterable[Mapping[str, np.ndarray]], *,
-          mesh: Mesh) -> dict[str, np.ndarray]:
-  """Features, embeddings and labels of every real (unmasked) example of `batches`.
-
-  Args:
-    apply_fn: `apply_fn(variables, images) -> (features [b, F], embeddings [b, E])` for one
-      device's slice of a batch, in inference mode; e.g.
-      `functools.partial(model.apply, train=False)` for an `EmbeddingModel`. It may use
-      collectives over `parallel.AXIS`, but in inference mode it usually has none.
-    variables: the model variables (`{'params': ..., 'batch_stats': ...}`), replicated here.
-    batches: iterable of dicts with 'image' `[B, ...]`, 'label' `[B]` and optionally 'mask'
-      `[B]` (nonzero for real rows, 0 for padding; default all real). Each is this process's
-      slice of a global batch; `B` must be divisible by the number of local devices. Keep `B`
-      fixed (pad the last batch): every new `B` compiles the forward again.
-    mesh: the data-parallel mesh (`parallel.make_mesh()`).
-
-  Returns:
-    dict with 'features' float32 `[N, F]`, 'embeddings' float32 `[N, E]` and 'labels' `[N]`,
-    numpy arrays in the order of `batches`, N = number of unmasked rows over all batches (of all
-    processes).
-
-  Raises:
-    ValueError: if `batches` is empty, a batch lacks 'image' or 'label', its arrays disagree on
-      the batch size, or the batch size is not divisible by the device count.
-  """
-  forward = _sharded_forward(apply_fn, mesh)
-  variables = parallel.replicate(mesh, variables)
-  n_local = len(mesh.local_devices)
-
-  outputs = []
-  for i, batch in enumerate(batches):
-    missing = {"image", "label"} - set(batch)
-    if missing:
-      raise ValueError(f"batch {i} lacks {sorted(missing)}; got keys {sorted(batch)}.")
-    size = np.shape(batch["image"])[0]
-    mask = batch.get("mask")
-    mask = np.ones((size,), bool) if mask is None else np.asarray(mask).astype(bool)
-    if np.shape(batch["label"])[:1] != (size,) or mask.shape != (size,):
-      raise ValueError(
-          f"batch {i}: 'image', 'label' and 'mask' must share the batch size; got shapes "
-          f"{np.shape(batch['image'])}, {np.shape(batch['label'])}, {mask.shape}.")
-    if size % n_local:
-      raise ValueError(
-          f"batch {i} has {size} rows, not divisible by the {n_local} local devices "
-          f"({mesh.devices.size} in all); use an evaluation batch size that is a multiple of the "
-          f"device count and pad the last batch with mask=0 rows.")
-    placed = parallel.shard_batch(
-        mesh, {"image": batch["image"], "label": np.asarray(batch["label"]), "mask": mask})
-    out = forward(variables, placed["image"])
-    if not (isinstance(out, tuple) and len(out) == 2):
-      raise ValueError(f"apply_fn must return (features, embeddings); got {type(out).__name__}.")
-    outputs.append((out[0], out[1], placed["label"], placed["mask"]))  # dispatched, not waited on
-
-  if not outputs:
-    raise ValueError("embed got no batches.")
-  features, embeddings, labels, masks = (
-      np.concatenate([_to_numpy(o[j]) for o in outputs]) for j in range(4))
-  return {"features": features[masks].astype(np.float32),
-          "embeddings": embeddings[masks].astype(np.float32),
-          "labels": labels[masks]}
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,62 +353,6 @@ def _write_report(result: dict[str, Any], out_dir: str, *, test: dict[str, np.nd
 # A training workdir.
 
 
-def load_workdir(workdir: str) -> tuple[Any, Any, dict[str, Any], int]:
-  """The config, model and variables of the newest intact checkpoint of a training run.
-
-  Only the train state is read (not the data iterator); it is checked against the checkpoint's
-  integrity record (`checkpointing.verify_restored`). Damaged checkpoints are skipped with a
-  warning and left where they are (training moves them aside when it resumes).
-
-  Args:
-    workdir: a directory written by `train.train_and_evaluate` (`config.json`, `checkpoints/`).
-
-  Returns:
-    `(config, model, {"params", "batch_stats"}, step)`.
-
-  Raises:
-    FileNotFoundError: no `config.json` or no checkpoint in `workdir`.
-    checkpointing.NoIntactCheckpointError: checkpoints exist but none restores.
-  """
-  import ml_collections
-  import orbax.checkpoint as ocp
-
-  from embedspace import checkpointing, train
-
-  workdir = os.path.abspath(workdir)  # orbax refuses relative paths.
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{workdir} has no config.json: not a training workdir (train with "
-                            "python -m embedspace.main --config=... --workdir=DIR first).")
-  with open(config_path, encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(d) for d in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
-                 if d.isdigit())
-  if not steps:
-    raise FileNotFoundError(f"{workdir} has no checkpoint under {ckpt_dir}: the run saved "
-                            "nothing yet (checkpoints are written every config.checkpoint_every "
-                            "steps and at the end).")
-  failures = []
-  checkpointer = ocp.StandardCheckpointer()
-  for step in reversed(steps):
-    step_dir = os.path.join(ckpt_dir, str(step))
-    try:
-      state = checkpointer.restore(os.path.join(step_dir, "state"))
-      # Garbage bytes in an array file can restore silently wrong values: check the sha256
-      # record training wrote (checkpoints from before the record are taken as they are).
-      checkpointing.verify_restored(step_dir, state)
-    except Exception as e:  # orbax raises many types for damaged files; each one is reported.
-      reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-      logging.warning("checkpoint %s is damaged and is skipped (%s)", step, reason)
-      failures.append(f"step {step}: {reason}")
-      continue
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    return config, train.build_model(config), variables, step
-  raise checkpointing.NoIntactCheckpointError(
-      f"no checkpoint under {ckpt_dir} could be restored ({'; '.join(failures)}).")
-
-
 def evaluate_workdir(workdir: str, *, out_dir: str | None = None, mesh: Mesh | None = None,
                      **kwargs: Any) -> dict[str, Any]:
   """`evaluate_run` on the newest checkpoint of `workdir`; writes to `out_dir` (default DIR/eval).
@@ -526,10 +387,10 @@ def evaluate_workdir(workdir: str, *, out_dir: str | None = None, mesh: Mesh | N
 def main(argv: list[str]) -> None:
   from absl import flags
 
-  from embedspace import checkpointing
+  from embedspace.cli import fail
 
   if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments: {argv[1:]}")
+    fail(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
   flags_ = flags.FLAGS
   command = "python -m embedspace.evaluate " + " ".join(sys.argv[1:])
   try:
@@ -537,9 +398,8 @@ def main(argv: list[str]) -> None:
         flags_.workdir, out_dir=flags_.out_dir, ood_dataset=flags_.ood_dataset or None,
         tsne=flags_.tsne, max_pair_points=flags_.max_pair_points, command=command,
         code_lengths=tuple(int(b) for b in flags_.code_lengths))
-  except (FileNotFoundError, checkpointing.NoIntactCheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  except LOAD_ERRORS as e:
+    fail(str(e))
   out_dir = flags_.out_dir or os.path.join(flags_.workdir, "eval")
   enc = result["trained"]["encoder"]
   print(f"step {result['step']}: encoder kNN {enc['knn_accuracy']:.4f}, linear probe "

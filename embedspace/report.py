@@ -241,8 +241,11 @@ def _pyplot():
 
 
 def plot_class_similarity(sims: Mapping[str, np.ndarray], class_names: Sequence[str],
-                          path: str) -> str:
-  """Heatmaps of `class_similarity` matrices side by side (one per space); returns `path`."""
+                          path: str, *, measure: str = "cosine") -> str:
+  """Heatmaps of class-by-class mean `measure` matrices side by side (one per space).
+
+  Returns `path`.
+  """
   plt = _pyplot()
   fig, axes = plt.subplots(1, len(sims), figsize=(5.5 * len(sims), 5), squeeze=False)
   for ax, (title, sim) in zip(axes[0], sims.items()):
@@ -253,7 +256,7 @@ def plot_class_similarity(sims: Mapping[str, np.ndarray], class_names: Sequence[
       if np.isfinite(v):
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5,
                 color="white" if v < np.nanmean(sim) else "black")
-    ax.set_title(f"{title}: mean cosine between classes")
+    ax.set_title(f"{title}: mean {measure} between classes")
     fig.colorbar(im, ax=ax, fraction=0.046)
   fig.tight_layout()
   fig.savefig(path, dpi=110)

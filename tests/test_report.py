@@ -104,26 +104,7 @@ def test_pca_2d_finds_the_spread_directions():
 
 
 # ----------------------------------------------------------------------------------------------
-# The CLI on a real (smoke) training run.
-
-
-@pytest.fixture(scope="module")
-def smoke_workdir(tmp_path_factory):
-  import functools
-
-  from configs import vicreg
-  from embedspace import evaluate, train
-
-  workdir = str(tmp_path_factory.mktemp("smoke_run"))
-  config = vicreg.get_config("smoke")
-  # The CLI measures everything; the end-of-training evaluation need not do it twice here.
-  real = evaluate.evaluate_run
-  evaluate.evaluate_run = functools.partial(real, knn_only=True)
-  try:
-    train.train_and_evaluate(config, workdir)
-  finally:
-    evaluate.evaluate_run = real
-  return workdir
+# The CLI on a real (smoke) training run (`smoke_workdir` is in conftest.py).
 
 
 def test_cli_on_a_smoke_workdir(smoke_workdir, tmp_path):

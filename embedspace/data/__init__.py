@@ -16,7 +16,7 @@ from embedspace.data.augment import AugmentConfig
 from embedspace.data.builders import LOCAL_NAMES, default_data_dir, prepare, stratified_split
 from embedspace.data.idx import IdxFormatError, read_idx_images, read_idx_labels
 from embedspace.data.pipeline import eval_batches, eval_loader, ssl_loader
-from embedspace.data.sources import DataInfo, ImageSource, get_source
+from embedspace.data.sources import DataInfo, ImageSource, get_source, normalization
 
 __all__ = [
     "AugmentConfig",
@@ -28,6 +28,7 @@ __all__ = [
     "eval_batches",
     "eval_loader",
     "get_source",
+    "normalization",
     "prepare",
     "read_idx_images",
     "read_idx_labels",

@@ -255,6 +255,21 @@ def default_data_dir() -> str:
   return os.path.expanduser(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
 
 
+def builder_class(name: str) -> type[_IdxBuilder]:
+  """The builder class of a local dataset (its `CLASS_NAMES`, `MEAN`, `STD`); builds nothing.
+
+  Raises:
+    ValueError: if `name` is not a local dataset.
+  """
+  if name == "embedded_fashion_mnist":
+    return EmbeddedFashionMnist
+  if name == "embedded_mnist":
+    return EmbeddedMnist
+  if name == "fashion_mnist_full":
+    return FashionMnistFull
+  raise ValueError(f"{name!r} is not a local dataset; local datasets are {LOCAL_NAMES}")
+
+
 def prepare(name: str, *, data_dir: str | None = None,
             source_dir: str | None = None) -> _IdxBuilder:
   """The builder of a local dataset, built into `data_dir` if it is not there yet.
@@ -275,14 +290,7 @@ def prepare(name: str, *, data_dir: str | None = None,
       `apt-get` command that installs them).
     idx.IdxFormatError: if a source file is corrupted.
   """
-  if name == "embedded_fashion_mnist":
-    cls = EmbeddedFashionMnist
-  elif name == "embedded_mnist":
-    cls = EmbeddedMnist
-  elif name == "fashion_mnist_full":
-    cls = FashionMnistFull
-  else:
-    raise ValueError(f"{name!r} is not a local dataset; local datasets are {LOCAL_NAMES}")
+  cls = builder_class(name)
   data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else default_data_dir()
   os.makedirs(data_dir, exist_ok=True)
   with open(os.path.join(data_dir, f"{name}.lock"), "w") as lock:

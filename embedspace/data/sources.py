@@ -171,6 +171,22 @@ def _not_prepared(name: str, data_dir: str, builder: Any) -> str:
   return f"TFDS dataset {name!r} is not prepared in {data_dir} (no {version_dir}). {how}"
 
 
+def normalization(name: str, *,
+                  channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel `(mean, std)` of pixel/255 that the pipeline uses for dataset `name`.
+
+  Reads no data, so a trained model can preprocess new images on a machine without its
+  dataset: the local datasets' constants, `CATALOG_NORMALIZATION`, else ImageNet's (RGB) or
+  0.5/0.5 (grayscale).
+  """
+  if name in builders.LOCAL_NAMES:
+    cls = builders.builder_class(name)
+    return tuple(cls.MEAN), tuple(cls.STD)
+  if name in CATALOG_NORMALIZATION:
+    return CATALOG_NORMALIZATION[name]
+  return (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
+
+
 def get_source(name: str, *, split: str,
                data_dir: str | None = None) -> tuple[ImageSource, DataInfo]:
   """A random-access source of a dataset split, and what to know about it.
@@ -199,7 +215,6 @@ def get_source(name: str, *, split: str,
   if name in builders.LOCAL_NAMES:
     builder = builders.prepare(name, data_dir=data_dir)
     records = builder.as_data_source(split=split)
-    mean, std = builder.MEAN, builder.STD
   else:
     builder = _catalog_builder(name, data_dir)
     try:
@@ -207,7 +222,6 @@ def get_source(name: str, *, split: str,
     except (NotImplementedError, FileNotFoundError, AssertionError) as e:
       # TFDS reports a missing dataset as an unsupported file format; say what is wrong.
       raise FileNotFoundError(_not_prepared(name, data_dir, builder)) from e
-    mean, std = CATALOG_NORMALIZATION.get(name, (None, None))
 
   features = builder.info.features
   keys = builder.info.supervised_keys
@@ -220,9 +234,7 @@ def get_source(name: str, *, split: str,
   image_shape = tuple(features[image_key].shape)
   if len(image_shape) != 3 or image_shape[-1] not in (1, 3):
     raise ValueError(f"{name!r}: images of shape {image_shape}; the pipeline needs [H, W, 1 or 3]")
-  channels = image_shape[-1]
-  if mean is None:
-    mean, std = ((IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,)))
+  mean, std = normalization(name, channels=image_shape[-1])
   info = DataInfo(name=name, split=split, num_examples=len(records),
                   num_classes=label.num_classes, class_names=tuple(label.names),
                   image_shape=image_shape, mean=tuple(mean), std=tuple(std))
