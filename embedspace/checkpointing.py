@@ -25,6 +25,7 @@ import contextlib
 import gc
 import hashlib
 import logging as py_logging
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -46,6 +47,10 @@ class NoIntactCheckpointError(RuntimeError):
 
 class DamagedCheckpointError(RuntimeError):
   """A checkpoint restored arrays that differ from the ones that were saved."""
+
+
+class ProcessCountError(NoIntactCheckpointError):
+  """The checkpoints were written by another number of processes than this run has."""
 
 
 class Checkpointer:
@@ -88,11 +93,14 @@ class Checkpointer:
       None when the directory holds no checkpoint at all.
 
     Raises:
+      ProcessCountError: the newest checkpoint holds the data iterator states of another number
+        of processes (nothing is moved).
       NoIntactCheckpointError: checkpoints exist but none can be restored (nothing is moved).
     """
     steps = self.all_steps()
     if not steps:
       return None
+    self._check_process_count(steps[-1])
     failures = []
     for step in reversed(steps):
       try:
@@ -111,6 +119,24 @@ class Checkpointer:
         f"no checkpoint under {self.directory} can be restored ("
         + "; ".join(f"step {s}: {r}" for s, r in failures)
         + f"). Move {self.directory} away to start from scratch.")
+
+  def _check_process_count(self, step: int) -> None:
+    """Raises ProcessCountError when `step` was saved by another number of processes.
+
+    Each process saves its own data iterator state (`data/process_<i>-of-<n>.json`); a run with
+    another process count finds no state of its own there, which is not damage.
+    """
+    data = self.directory / str(step) / "data"
+    count = jax.process_count()
+    if not data.is_dir() or (data / f"process_{jax.process_index()}-of-{count}.json").exists():
+      return
+    counts = sorted({int(m.group(1)) for f in data.iterdir()
+                     if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", f.name))})
+    if counts and count not in counts:
+      raise ProcessCountError(
+          f"the checkpoints under {self.directory} were written by {counts[0]} process(es) and "
+          f"this run has {count}: each process's data position is saved separately, so resume "
+          f"with --num_processes={counts[0]}, or use a new --workdir.")
 
   def _restore_verified(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
     """Restores `step` and checks its arrays against the integrity record.

@@ -54,7 +54,7 @@ _MAP_POINTS = 2000
 def _raw_pixels(loader: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
   """Flattened normalised pixels and labels of every real row of `loader` (a baseline)."""
   images, labels = [], []
-  for batch in loader:
+  for batch in map(parallel.process_allgather_batch, loader):
     mask = np.asarray(batch["mask"]).astype(bool)
     images.append(np.asarray(batch["image"])[mask].reshape(int(mask.sum()), -1))
     labels.append(np.asarray(batch["label"])[mask])
@@ -105,7 +105,7 @@ def _two_views(config: Any, source: Any, apply_fn: Any, variables: Any, mesh: Me
   """Two augmented views (the training augmentation) of up to `max_points` eval images.
 
   Returns `{"features1", "features2", "embeddings1", "embeddings2", "pixels1", "pixels2"}`
-  (row i of each pair shows the same image; pixels are this process's rows only), or None when
+  (row i of each pair shows the same image), or None when
   the split is smaller than one batch per device.
   """
   from embedspace import data as data_lib
@@ -130,7 +130,8 @@ def _two_views(config: Any, source: Any, apply_fn: Any, variables: Any, mesh: Me
     out[f"features{i}"] = embedded["features"]
     out[f"embeddings{i}"] = embedded["embeddings"]
     out[f"pixels{i}"] = np.concatenate(
-        [np.reshape(b["image"], (len(b["image"]), -1)) for b in batches]).astype(np.float32)
+        [np.reshape(b["image"], (len(b["image"]), -1))
+         for b in map(parallel.process_allgather_batch, batches)]).astype(np.float32)
   return out
 
 

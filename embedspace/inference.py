@@ -174,20 +174,6 @@ def _check_compatible(config: Any, variables: dict[str, Any], workdir: str) -> A
   return model
 
 
-def _restore_target(path: str) -> Any:
-  """The saved tree's shapes and dtypes, placed on this process's first device.
-
-  Without a target, orbax restores each array onto the devices it was saved from and refuses
-  another device count ("Topology mismatch"): a model trained on 8 devices would not load on 1.
-  """
-  import orbax.checkpoint as ocp
-  from etils import epath
-
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
-  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-
-
 def load_workdir(workdir: str) -> tuple[Any, Any, dict[str, Any], int]:
   """The config, model and variables of the newest intact checkpoint of a training run.
 
@@ -209,7 +195,6 @@ def load_workdir(workdir: str) -> tuple[Any, Any, dict[str, Any], int]:
     IncompatibleWorkdirError: config or parameters do not fit this version's model.
   """
   import ml_collections
-  import orbax.checkpoint as ocp
 
   workdir = os.path.abspath(workdir)  # orbax refuses relative paths.
   config_path = os.path.join(workdir, "config.json")
@@ -229,12 +214,10 @@ def load_workdir(workdir: str) -> tuple[Any, Any, dict[str, Any], int]:
                             "nothing yet (checkpoints are written every config.checkpoint_every "
                             "steps and at the end).")
   failures = []
-  checkpointer = ocp.StandardCheckpointer()
   for step in reversed(steps):
     step_dir = os.path.join(ckpt_dir, str(step))
     try:
-      state = checkpointer.restore(os.path.join(step_dir, "state"),
-                                   _restore_target(os.path.join(step_dir, "state")))
+      state = checkpointing.restore_state(step_dir)
       # Garbage bytes in an array file can restore silently wrong values: check the sha256
       # record training wrote (checkpoints from before the record are taken as they are).
       checkpointing.verify_restored(step_dir, state)

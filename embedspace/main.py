@@ -4,9 +4,12 @@
 
 Several processes (TPU hosts, GPU nodes, or localhost) start with the arguments of
 `jax.distributed.initialize`: --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
+Without them, a TPU pod slice or a SLURM job is detected by JAX; elsewhere the run is one process.
 Exit codes: 0 done, 2 bad input (one line `error: ...` names it and the fix; nothing is written),
-3 non-finite loss (the last good checkpoint is kept), 75 preempted (SIGTERM; a checkpoint of the
-step in progress was written: rerun the same command to resume).
+3 non-finite loss (the last good checkpoint is kept), 69 another process of a multi-process run
+failed (restart all of them with the same command to resume from the last checkpoint), 75
+preempted (SIGTERM; a checkpoint of the step in progress was written: rerun the same command to
+resume).
 """
 
 from __future__ import annotations
@@ -27,10 +30,15 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and rep
 flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator HOST:PORT.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (jax.distributed).")
 flags.DEFINE_integer("process_id", None, "This process's index (jax.distributed).")
+flags.DEFINE_integer("heartbeat_timeout_seconds", 100, "jax.distributed: a process silent this "
+                     "long counts as dead, and the others stop.", lower_bound=1)
+flags.DEFINE_integer("initialization_timeout", 300, "jax.distributed: seconds to wait for all "
+                     "processes to connect at start-up.", lower_bound=1)
 FLAGS = flags.FLAGS
 
 BAD_INPUT_EXIT_CODE = 2
 NONFINITE_EXIT_CODE = 3
+LOST_PROCESS_EXIT_CODE = 69  # EX_UNAVAILABLE
 
 
 def default_workdir() -> str:
@@ -63,13 +71,18 @@ def main(argv: list[str]) -> None:
     fail(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
   import jax  # After flag parsing, so --help is fast.
 
-  from embedspace import checkpointing, train
+  from embedspace import checkpointing, parallel, train
   from embedspace.config_checks import ConfigError
 
-  if FLAGS.coordinator_address:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
-                               process_id=FLAGS.process_id)
+  try:
+    parallel.initialize_distributed(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+        initialization_timeout=FLAGS.initialization_timeout,
+        heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
+  except ValueError as e:
+    fail(f"jax.distributed.initialize: {e} Pass --coordinator_address=HOST:PORT "
+         "--num_processes=N --process_id=I (0 <= I < N) to every process, or none of them "
+         "where JAX detects the cluster (TPU pod slice, SLURM).")
   workdir = FLAGS.workdir or default_workdir()
   if not FLAGS.workdir:
     print(f"--workdir not given; using {workdir}", flush=True)
@@ -79,9 +92,20 @@ def main(argv: list[str]) -> None:
     fail(str(e))
   except train.NonFiniteLossError as e:
     fail(str(e), NONFINITE_EXIT_CODE)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    # A collective failed: another process died or is unreachable. Exit now; the normal exit
+    # would wait in jax.distributed's shutdown barrier for the dead process.
+    print(f"error: process {jax.process_index()}: a collective with the other processes failed "
+          f"({str(e).splitlines()[0][:300]}); another process of the run has probably died. "
+          f"Restart all {jax.process_count()} processes with the same command to resume from "
+          "the last checkpoint.", file=sys.stderr, flush=True)
+    os._exit(LOST_PROCESS_EXIT_CODE)
   summary = {name: report[name] for name in ("trained", "random_init", "raw_pixels")
              if name in report}
-  print(f"evaluation ({workdir}/eval.json): {summary}", flush=True)
+  if jax.process_index() == 0:
+    print(f"evaluation ({workdir}/eval.json): {summary}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,29 +1,99 @@
-"""The device mesh, the sharded step wrapper and the collectives the losses use.
+"""The processes and the device mesh, the sharded step wrapper and the collectives the losses use.
 
 embedspace runs one code path on 1 CPU, 8 devices or a pod slice: a per-device function that
 names its collectives by `AXIS`, compiled with `jax.jit(jax.shard_map(...))` over a 1-D mesh of
 every device of every process (this is what `jax.pmap` lowers to in current JAX). Sharding is
 declared here once; the rest of the code only sees `AXIS`.
+
+Several processes (TPU hosts, GPU nodes, or several processes on one machine) join through
+`jax.distributed` (`initialize_distributed`); each then feeds only its own devices, and the mesh
+orders devices process by process, so process `p` holds rows `[p*B/P, (p+1)*B/P)` of every
+global batch, the slice the input pipeline gives it.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "batch"
 """Name of the data-parallel mesh axis; every collective in a loss is named by it."""
 
+_NO_CLUSTER = "coordinator_address should be defined"
+"""What `jax.distributed.initialize()` raises (jax 0.10) where it detects no cluster."""
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None, *,
+                           initialization_timeout: int = 300,
+                           heartbeat_timeout_seconds: int = 100) -> bool:
+  """Joins the other processes of the run through `jax.distributed`, or runs as one process.
+
+  With any argument given (or `JAX_COORDINATOR_ADDRESS` set), they go to
+  `jax.distributed.initialize`, which fills in the missing ones where it detects a cluster.
+  With none, it is called without them and JAX's own detection decides: a Cloud TPU pod slice,
+  SLURM, Open MPI (or Kubernetes with `jax[k8s]`) joins the processes of the job; elsewhere
+  (a laptop, one machine) JAX raises before it contacts anything, and this returns False: one
+  process, every local device. Processes on CPU exchange data through gloo (XLA's CPU client has
+  no cross-process collectives otherwise).
+
+  When a process dies, the others usually fail at their next collective (a `JaxRuntimeError`,
+  which `embedspace.main` reports in one line, exit code 69). Any still running once the dead
+  process has missed its heartbeats for `heartbeat_timeout_seconds` are ended by JAX ("Terminating
+  process because the JAX distributed service detected fatal errors ... another task died");
+  when the coordinator (process 0) dies, they end at once. `initialization_timeout` bounds the
+  wait for all processes to connect at start-up.
+
+  Must run before anything starts the JAX backend (`jax.devices()`, any computation).
+
+  Returns:
+    True when this process joined a multi-process run (or a detected cluster of one process).
+
+  Raises:
+    ValueError: arguments that are incomplete (e.g. `num_processes` without a coordinator and
+      no cluster to take it from) or inconsistent (`process_id >= num_processes`).
+    RuntimeError: the JAX backend has already started.
+  """
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  explicit = (coordinator_address, num_processes, process_id) != (None, None, None)
+  try:
+    jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+                               process_id=process_id,
+                               initialization_timeout=initialization_timeout,
+                               heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+  except ValueError as e:
+    if explicit or "JAX_COORDINATOR_ADDRESS" in os.environ or _NO_CLUSTER not in str(e):
+      raise
+    logging.info("no cluster detected (jax.distributed: %s); running as one process", e)
+    return False
+  return True
+
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-  """A 1-D data-parallel mesh over `devices` (default: all devices of all processes)."""
-  devices = jax.devices() if devices is None else list(devices)
-  return Mesh(np.asarray(devices), (AXIS,))
+  """A 1-D data-parallel mesh over `devices` (default: all devices of all processes).
+
+  The default orders the devices by process, then by id, so that each process's devices hold
+  one contiguous block of the batch axis, in process order (what `shard_batch` and the input
+  pipeline's per-process slices assume).
+  """
+  if devices is None:
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  return Mesh(np.asarray(list(devices)), (AXIS,))
+
+
+def describe(mesh: Mesh) -> str:
+  """One line on this process and the mesh: index, local devices, global mesh."""
+  local = ", ".join(f"{d.platform}:{d.id}" for d in mesh.local_devices)
+  return (f"process {jax.process_index()} of {jax.process_count()}: local devices [{local}]; "
+          f"global mesh {dict(mesh.shape)} over {mesh.devices.size} devices")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -56,6 +126,19 @@ def shard_batch(mesh: Mesh, local_batch: Any) -> Any:
     return jax.make_array_from_process_local_data(batch_sharded(mesh), x)
 
   return jax.tree.map(put, local_batch)
+
+
+def process_allgather_batch(local_batch: Any) -> Any:
+  """The global batch as numpy on every process, from each process's slice of it.
+
+  `local_batch` is a pytree of arrays `[b, ...]`, this process's rows of a global batch (what
+  `data.ssl_loader` / `data.eval_loader` yield); the result holds `[P*b, ...]`, the processes'
+  slices in process order, i.e. the global batch in the order one process would have loaded it.
+  A collective: every process must call it, with the same shapes. One process: the batch itself.
+  """
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, local_batch)
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(local_batch, tiled=True))
 
 
 def replicate(mesh: Mesh, tree: Any) -> Any:

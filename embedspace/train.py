@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from embedspace import checkpointing
@@ -168,13 +169,25 @@ def make_parallel_step(mesh: jax.sharding.Mesh, *, model: models.EmbeddingModel,
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag checked between steps (save, then exit PREEMPTED_EXIT_CODE)."""
+  """SIGTERM, seen between steps: `reached(step)` says when to save and exit PREEMPTED_EXIT_CODE.
+
+  One process: a Python handler turns SIGTERM into a flag. Several processes must all stop
+  after the same step, whichever of them got the signal: there JAX's preemption service decides
+  (`jax.distributed.initialize` installs its SIGTERM handler on every process and shares the
+  notice through the coordination service; `multihost_utils.reached_preemption_sync_point(step)`
+  is then True on every process at the same step). Its handler is kept, so with several
+  processes SIGTERM outside the training loop (start-up, final evaluation) is noted, not fatal.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multi_process = jax.process_count() > 1
 
   def __enter__(self):
+    if self._multi_process:
+      return self
+
     def handler(signum, frame):
       del signum, frame
       self.requested = True
@@ -187,6 +200,15 @@ class _Preemption:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+  def reached(self, step: int) -> bool:
+    """Whether to stop after `step` (call once per step, on every process, same step)."""
+    if not self._multi_process:
+      return self.requested
+    try:
+      return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # jax_enable_preemption_service=False: SIGTERM keeps its default.
+      return False
 
 
 class Preempted(SystemExit):
@@ -222,8 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   check_data(config)
   workdir = os.path.abspath(workdir)
   check_workdir_config(config, workdir)
-  logging.info("process %d/%d, local devices %s, mesh %s", jax.process_index(), n_proc,
-               jax.local_devices(), dict(mesh.shape))
+  logging.info("%s", parallel.describe(mesh))
 
   source, info = data_lib.get_source(config.data.name, split=config.data.train_split,
                                      data_dir=config.data.data_dir)
@@ -276,7 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_scalars(done, m)
         progress.set_postfix(loss=f"{m['loss']:.4g}", img_s=f"{m['images_per_sec']:.0f}")
       progress.update(1)
-      if preemption.requested:
+      if preemption.reached(done):
         _check_finite(_to_host(metrics), done, config, ckpt)
         ckpt.save(done, state, data_iter, force=True)
         ckpt.close()

@@ -326,6 +326,31 @@ def test_process_shards_are_disjoint_and_cover_the_data():
                     process_count=2)
 
 
+def _global_batches(loader_fn, process_count: int, k: int) -> list[dict]:
+  """The first k global batches: each process's slices, concatenated in process order (as
+  `parallel.shard_batch` / `jax.make_array_from_process_local_data` assemble them)."""
+  per_process = [_batches(loader_fn(p, process_count), k) for p in range(process_count)]
+  return [{key: np.concatenate([per_process[p][i][key] for p in range(process_count)])
+           for key in per_process[0][i]} for i in range(k)]
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_global_batches_do_not_depend_on_the_process_count(process_count):
+  source = _toy(n=40)  # 5 global batches per epoch: the 7 compared cross an epoch boundary
+  heavy = {"blur_prob": 0.5, "noise_prob": 0.5, "erase_prob": 0.5}
+
+  def loader(p, count):
+    return data.ssl_loader(source, global_batch_size=8, seed=3, image_size=16, augment=heavy,
+                           process_index=p, process_count=count)
+
+  one = _global_batches(loader, 1, 7)
+  _assert_batches_equal(_global_batches(loader, process_count, 7), one)
+  # Each process reads only its slice of each global batch: rows [p*b, (p+1)*b).
+  b = 8 // process_count
+  last = _batches(loader(process_count - 1, process_count), 1)[0]
+  np.testing.assert_array_equal(last["label"], one[0]["label"][-b:])
+
+
 def test_iterator_state_round_trip_resumes_exactly():
   source = _toy(n=40)
   kw = dict(global_batch_size=8, seed=7, image_size=16, process_index=0, process_count=1)
@@ -365,6 +390,13 @@ def test_eval_loader_covers_every_example_once_with_a_mask(process_count):
         np.testing.assert_array_equal(row, want)
       seen.extend(real.tolist())
   assert sorted(seen) == list(range(37))
+  # Gathered in process order, the global batches list the examples in source order (so the
+  # embeddings of a split come out in the same order on every process count).
+  global_index = np.concatenate([b["index"] for b in _global_batches(
+      lambda p, count: data.eval_loader(source, batch_size=batch_size, image_size=28,
+                                        process_index=p, process_count=count),
+      process_count, steps)])
+  np.testing.assert_array_equal(global_index[global_index >= 0], np.arange(37))
 
 
 def test_worker_process_gives_the_same_batches():

@@ -1,24 +1,27 @@
 """grain input pipelines: pairs of augmented views for training, padded batches for evaluation.
 
-Each process loads only its slice of every global batch: `ShardOptions(process_index,
-process_count, drop_remainder=True)` gives it a contiguous, equal-sized shard of the records, and
-its batches hold `global_batch_size / process_count` rows, which `parallel.shard_batch` assembles
-into the global array. Randomness comes from grain alone: the sampler shuffles with the seed and
-hands each record an `np.random.Generator` keyed by (seed, record position), which the
-`RandomMap` augmentation consumes. So a batch depends only on the seed and its position, and the
-iterator's `get_state()` (JSON bytes, a few integers) restores a run bit-exactly.
+The global batches do not depend on the number of processes. One sampler, the same on every
+process, orders the records of the whole dataset (shuffled with the seed, epoch after epoch) and
+hands each position of that order an `np.random.Generator` keyed by (seed, position), which the
+`RandomMap` augmentation consumes; global batch `i` is positions `[i*B, (i+1)*B)`. Process `p` of
+`P` reads only its slice of every global batch, positions `[i*B + p*B/P, i*B + (p+1)*B/P)`
+(`_ProcessSlice`), and `parallel.shard_batch` assembles the slices, process by process, into the
+global array. So 1 process with 8 devices and 2 processes with 4 devices each train on the same
+rows in the same order with the same augmentations (tested), and the iterator's `get_state()`
+(JSON bytes, a few integers, one per process) restores a run bit-exactly.
 
 Evaluation must see every example exactly once, on every process count, without a short last
-batch that would make jitted code recompile: the split is padded to a whole number of full
-batches per process, and each batch carries a boolean `mask` (False on padding) and the example's
-`index` in the source (-1 on padding).
+batch that would make jitted code recompile: the split is padded to a whole number of full global
+batches, sliced over the processes the same way, and each batch carries a boolean `mask` (False
+on padding) and the example's `index` in the source (-1 on padding). Gathered in process order,
+the global evaluation batches hold the examples in source order on any number of processes.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import grain
 import jax
@@ -87,6 +90,46 @@ def _local_batch(batch_size: int, process_count: int) -> int:
   return batch_size // process_count
 
 
+class _Sampler(Protocol):
+  """What grain's `DataLoader` asks of a sampler (`grain.samplers.IndexSampler` is one)."""
+
+  def __len__(self) -> int: ...
+
+  def __getitem__(self, index: int) -> Any: ...
+
+
+class _ProcessSlice:
+  """This process's slice of every global batch of `sampler`, as a sampler of its own.
+
+  Global batch `i` is positions `[i*B, (i+1)*B)` of `sampler`; process `p` of `P` reads positions
+  `[i*B + p*b, i*B + (p+1)*b)`, `b = B/P`, in order. The records keep the metadata (record key
+  and random generator) of their global position, so the rows, their order and their
+  augmentations do not depend on `P`. A last partial global batch is never read.
+  """
+
+  def __init__(self, sampler: _Sampler, *, global_batch_size: int, process_index: int,
+               process_count: int):
+    self._sampler = sampler
+    self._global = global_batch_size
+    self._local = _local_batch(global_batch_size, process_count)
+    self._index = process_index
+    self._count = process_count
+    self._len = len(sampler) // global_batch_size * self._local
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __repr__(self) -> str:
+    return (f"_ProcessSlice({self._sampler!r}, global_batch_size={self._global}, "
+            f"process_index={self._index}, process_count={self._count})")
+
+  def __getitem__(self, index: int) -> Any:
+    if not 0 <= index < self._len:
+      raise IndexError(f"index {index} is out of range [0, {self._len})")
+    batch, row = divmod(index, self._local)
+    return self._sampler[batch * self._global + self._index * self._local + row]
+
+
 def _normalization(source: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
   info = getattr(source, "info", None)
   if info is None:
@@ -127,11 +170,11 @@ def ssl_loader(source: Any, *, global_batch_size: int, seed: int, image_size: in
   "label": int32 [B]}` with `B = global_batch_size / process_count` and `S = image_size`;
   views are normalised with `source.info.mean/std`. The same seed and `worker_count` give the
   same batches (workers split records round-robin, so batch composition depends on the count);
-  `iter(loader).get_state()` / `.set_state(state)` resume exactly with the same settings. With
-  `num_epochs=None` the data repeats forever (batches run across epoch boundaries, each epoch
-  reshuffled); otherwise the last partial batch is dropped. Each process reads a contiguous
-  `len(source) // process_count` shard (the remainder, fewer than `process_count` records, is
-  never read).
+  `iter(loader).get_state()` / `.set_state(state)` resume exactly with the same settings and
+  process count. With `num_epochs=None` the data repeats forever (batches run across epoch
+  boundaries, each epoch reshuffled); otherwise the last partial global batch is dropped. Each
+  process reads only its `1/process_count` slice of every global batch; the global batches (rows,
+  order and augmentations) are the same for every `process_count` (see the module docstring).
 
   Args:
     source: what `get_source` returns (records `{"image": uint8 [H, W, C], "label"}` and `.info`).
@@ -148,30 +191,35 @@ def ssl_loader(source: Any, *, global_batch_size: int, seed: int, image_size: in
       sources on remote storage.
 
   Raises:
-    ValueError: if the global batch is not divisible by `process_count`, a shard holds fewer
-      records than one local batch, or the augmentation config is invalid.
+    ValueError: if the global batch is not divisible by `process_count`, the source holds fewer
+      records than one global batch, or the augmentation config is invalid.
   """
   index, count = _processes(process_index, process_count)
   local = _local_batch(global_batch_size, count)
-  if len(source) // count < local:
-    raise ValueError(f"{len(source)} records over {count} processes leave "
-                     f"{len(source) // count} per process, fewer than one batch of {local}")
+  if len(source) < global_batch_size:
+    raise ValueError(f"{len(source)} records are fewer than one global batch of "
+                     f"{global_batch_size}")
   mean, std = _normalization(source)
-  shard = grain.sharding.ShardOptions(shard_index=index, shard_count=count, drop_remainder=True)
-  sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard,
-                                        shuffle=shuffle, num_epochs=num_epochs,
-                                        seed=sampler_seed(seed))
+  sampler = grain.samplers.IndexSampler(num_records=len(source), shuffle=shuffle,
+                                        num_epochs=num_epochs, seed=sampler_seed(seed))
   views = TwoViews(AugmentConfig.create(augment), size=image_size, mean=mean, std=std)
   return grain.DataLoader(
-      data_source=source, sampler=sampler, shard_options=shard, worker_count=worker_count,
+      data_source=source,
+      sampler=_ProcessSlice(sampler, global_batch_size=global_batch_size, process_index=index,
+                            process_count=count),
+      shard_options=grain.sharding.NoSharding(), worker_count=worker_count,
       read_options=_read_options(read_threads),
       operations=[views, grain.transforms.Batch(local, drop_remainder=True)])
 
 
 def eval_batches(num_examples: int, *, batch_size: int, process_count: int) -> int:
-  """Batches each process gets from `eval_loader`: `ceil(ceil(n / P) / (batch_size / P))`."""
-  local = _local_batch(batch_size, process_count)
-  return math.ceil(math.ceil(num_examples / process_count) / local)
+  """Batches each process gets from `eval_loader`: `ceil(n / batch_size)`, on any process count.
+
+  Raises:
+    ValueError: if `batch_size` is not a positive multiple of `process_count`.
+  """
+  _local_batch(batch_size, process_count)
+  return math.ceil(num_examples / batch_size)
 
 
 def eval_loader(source: Any, *, batch_size: int, image_size: int,
@@ -181,10 +229,12 @@ def eval_loader(source: Any, *, batch_size: int, image_size: int,
 
   Every process gets the same number of full batches (`eval_batches(...)`), of
   `B = batch_size / process_count` rows: `{"image": float32 [B, S, S, C], "label": int32 [B],
-  "mask": bool [B], "index": int32 [B]}`. The split is padded at its end; padding rows have
-  `mask` False, `index` -1, `label` 0 and a copy of example 0 as image, so reductions must weight
-  by `mask`. Real rows have `index` = their position in `source`. Process `p` reads the `p`-th
-  contiguous block. The image is the central square resized to `image_size`, normalised with
+  "mask": bool [B], "index": int32 [B]}`. Global batch `i` is examples `[i*batch_size,
+  (i+1)*batch_size)` of the split padded at its end, and process `p` gets the `p`-th slice of it,
+  so the global batches, gathered in process order, list the examples in source order whatever
+  the process count. Padding rows have `mask` False, `index` -1, `label` 0 and a copy of example
+  0 as image, so reductions must weight by `mask`. Real rows have `index` = their position in
+  `source`. The image is the central square resized to `image_size`, normalised with
   `source.info.mean/std`. The loader can be iterated again for each evaluation.
 
   Args:
@@ -201,13 +251,14 @@ def eval_loader(source: Any, *, batch_size: int, image_size: int,
   if len(source) == 0:
     raise ValueError("eval_loader: the source is empty")
   local = _local_batch(batch_size, count)
-  per_process = eval_batches(len(source), batch_size=batch_size, process_count=count) * local
+  total = eval_batches(len(source), batch_size=batch_size, process_count=count) * batch_size
   mean, std = _normalization(source)
-  shard = grain.sharding.ShardOptions(shard_index=index, shard_count=count, drop_remainder=True)
-  sampler = grain.samplers.IndexSampler(num_records=per_process * count, shard_options=shard,
-                                        shuffle=False, num_epochs=1)
+  sampler = grain.samplers.IndexSampler(num_records=total, shuffle=False, num_epochs=1)
   return grain.DataLoader(
-      data_source=_Padded(source, per_process * count), sampler=sampler, shard_options=shard,
+      data_source=_Padded(source, total),
+      sampler=_ProcessSlice(sampler, global_batch_size=batch_size, process_index=index,
+                            process_count=count),
+      shard_options=grain.sharding.NoSharding(),
       worker_count=worker_count, read_options=_read_options(read_threads),
       operations=[CenterView(size=image_size, mean=mean, std=std),
                   grain.transforms.Batch(local, drop_remainder=False)])
