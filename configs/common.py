@@ -34,7 +34,7 @@ def base(method: str) -> ml_collections.ConfigDict:
   c.data.image_size = 28
   c.data.worker_count = 0
   c.data.augment = ml_collections.ConfigDict()
-  c.data.augment.crop_scale = (0.5, 1.0)  # milder than ImageNet's 0.08: 28 px, aligned items
+  c.data.augment.crop_scale = (0.9, 1.0)  # far milder than ImageNet's 0.08: 28 px, aligned items
   c.data.augment.flip_prob = 0.5
   c.data.augment.brightness = 0.4
   c.data.augment.contrast = 0.4
@@ -55,11 +55,11 @@ def base(method: str) -> ml_collections.ConfigDict:
   c.optimizer.base_lr = 2e-3  # for a batch of 256; scaled linearly with the global batch
   c.optimizer.weight_decay = 0.05
   c.optimizer.momentum = 0.9
-  c.optimizer.warmup_steps = 200
+  c.optimizer.warmup_steps = 100
   c.optimizer.grad_clip_norm = ml_collections.config_dict.placeholder(float)
 
   c.batch_size = 256  # global, over all devices of all processes
-  c.num_steps = 2000  # 64 epochs of the 8k train split; ~17 min on 2 CPU cores
+  c.num_steps = 800  # 25.6 epochs of the 8k train split; ~14 min on 2 CPU cores (~500 img/s)
   c.log_every = 50
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
