@@ -10,7 +10,7 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["embedspace", "embedspace.*"]),
-    package_data={"embedspace.data": ["assets/*/*"]},
+    package_data={"embedspace.data": ["assets/*/*"], "embedspace.multimodal": ["assets/*/*"]},
     include_package_data=True,
     # Lower bounds are the versions verified on Python 3.11 (see ../shared/STACK.md).
     install_requires=[

@@ -87,7 +87,11 @@ def main(argv: list[str]) -> None:
   if not FLAGS.workdir:
     print(f"--workdir not given; using {workdir}", flush=True)
   try:
-    report = train.train_and_evaluate(FLAGS.config, workdir)
+    if FLAGS.config.get("method") in ("clip", "imagebind", "decur"):
+      from embedspace.multimodal import train as multimodal_train
+      report = multimodal_train.train_and_evaluate(FLAGS.config, workdir)
+    else:
+      report = train.train_and_evaluate(FLAGS.config, workdir)
   except (ConfigError, checkpointing.NoIntactCheckpointError) as e:
     fail(str(e))
   except train.NonFiniteLossError as e:
@@ -102,7 +106,8 @@ def main(argv: list[str]) -> None:
           f"Restart all {jax.process_count()} processes with the same command to resume from "
           "the last checkpoint.", file=sys.stderr, flush=True)
     os._exit(LOST_PROCESS_EXIT_CODE)
-  summary = {name: report[name] for name in ("trained", "random_init", "raw_pixels")
+  summary = {name: report[name] for name in
+             ("trained", "random_init", "raw_pixels", "zero_shot", "retrieval", "probe")
              if name in report}
   if jax.process_index() == 0:
     print(f"evaluation ({workdir}/eval.json): {summary}", flush=True)

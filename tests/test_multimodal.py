@@ -1,0 +1,268 @@
+"""Multimodal training (CLIP, ImageBind, DeCUR): front ends, data, the sharded step, the loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import clip, decur, imagebind
+from embedspace import optim, parallel
+from embedspace import train as ssl_train
+from embedspace.config_checks import ConfigError
+from embedspace.multimodal import audio, data, evaluate, text
+from embedspace.multimodal import train as mm_train
+
+CONFIGS = {"clip": clip, "imagebind": imagebind, "decur": decur}
+FSDD = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "fsdd", "recordings")
+
+
+def _numpy_log_mel(x, *, win=200, hop=80, n_fft=256, mels=40):
+  fb = audio.mel_filterbank(num_mels=mels, n_fft=n_fft, sample_rate=8000, fmin=20.0, fmax=4000.0)
+  window = np.hanning(win + 1)[:-1]  # periodic Hann
+  frames = np.stack([x[:, t * hop:t * hop + win] * window
+                     for t in range(1 + (x.shape[1] - win) // hop)], axis=1)
+  power = np.abs(np.fft.rfft(frames, n=n_fft, axis=-1)) ** 2
+  return np.log(power @ fb + 1e-6)
+
+
+def test_log_mel_matches_a_numpy_reference_and_filters_cover_the_band():
+  x = np.random.default_rng(0).uniform(-0.5, 0.5, (3, 1000)).astype(np.float32)
+  got = np.asarray(audio.log_mel(x))
+  assert got.shape == (3, audio.num_frames(1000, win_length=200, hop_length=80), 40)
+  np.testing.assert_allclose(got, _numpy_log_mel(x.astype(np.float64)), atol=2e-3)
+  fb = audio.mel_filterbank(num_mels=40, n_fft=256, sample_rate=8000, fmin=20.0, fmax=4000.0)
+  assert fb.shape == (129, 40) and np.all(fb.max(axis=0) > 0.5)
+  with pytest.raises(ValueError, match="waveforms"):
+    audio.log_mel(x[0])
+  with pytest.raises(ValueError, match="fmin"):
+    audio.mel_filterbank(num_mels=40, n_fft=256, sample_rate=8000, fmin=20.0, fmax=5000.0)
+
+
+def test_mulaw_round_trip_and_fix_length():
+  pcm = np.array([-32768, -1000, -1, 0, 1, 1000, 32767], np.int16)
+  back = audio.mulaw_decode(audio.mulaw_encode(pcm)) * 32768
+  assert np.all(np.abs(back - pcm) <= np.abs(pcm.astype(np.float32)) * 0.04 + 8)
+  with pytest.raises(ValueError, match="int16"):
+    audio.mulaw_encode(pcm.astype(np.float32))
+  x = np.zeros(100, np.float32)
+  x[70:80] = 1.0
+  np.testing.assert_array_equal(audio.fix_length(x, 10), np.ones(10))  # the loudest window
+  padded = audio.fix_length(np.ones(4, np.float32), 10)
+  assert padded.tolist() == [0, 0, 0, 1, 1, 1, 1, 0, 0, 0]
+
+
+def test_shipped_fsdd_asset_is_compact_complete_and_split_officially():
+  assert os.path.getsize(data.ASSET) < 8e6
+  fsdd = data.load_fsdd()
+  assert len(fsdd["clips"]) == 3000 and set(fsdd["speaker"]) == set(range(6))
+  assert max(len(c) for c in fsdd["clips"]) == data.MAX_SAMPLES
+  assert np.sum(fsdd["index"] < 5) == 300  # FSDD's official test split
+  splits = data.load_splits(num_samples=2000, text_length=10)
+  assert len(splits["train"].audio) == 2700 and len(splits["eval"].audio) == 300
+  assert len(splits["train"].image) == 8000 and len(splits["eval"].image) == 2000
+  assert np.bincount(splits["eval"].audio_speaker).tolist() == [50] * 6
+
+
+@pytest.mark.skipif(not os.path.isdir(FSDD), reason="FSDD wav files not staged")
+def test_asset_regenerates_from_the_wav_files(tmp_path):
+  names = ["0_george_0.wav", "7_jackson_32.wav", "9_yweweler_49.wav", "3_theo_5.wav"]
+  src = tmp_path / "wav"
+  src.mkdir()
+  for name in names:
+    os.symlink(os.path.abspath(os.path.join(FSDD, name)), src / name)
+  data.build_fsdd_asset(str(src), str(tmp_path / "a.npz.xz"))
+  small, shipped = data.load_fsdd(str(tmp_path / "a.npz.xz")), data.load_fsdd()
+  for i in range(len(names)):
+    key = (small["digit"][i], small["speaker"][i], small["index"][i])
+    j = np.flatnonzero((shipped["digit"] == key[0]) & (shipped["speaker"] == key[1])
+                       & (shipped["index"] == key[2]))[0]
+    np.testing.assert_array_equal(small["clips"][i], shipped["clips"][j])
+
+
+def test_captions_tokenize_and_held_out_prompts_are_never_trained():
+  train_caps, _ = text.captions(text.TRAIN_TEMPLATES)
+  held_caps, held_labels = text.captions(text.HELD_OUT_TEMPLATES)
+  assert "a recording of the number seven" in train_caps and "7" in train_caps
+  assert not set(train_caps) & set(held_caps) and held_labels.tolist()[:10] == list(range(10))
+  tokens = text.tokenize(held_caps, max_length=10)
+  assert "<unk>" not in [text.vocabulary()[t] for t in tokens.ravel()]
+  assert np.all(tokens[np.arange(len(tokens)), text.eos_position(tokens)] ==
+                text.vocabulary().index(text.EOS))
+  with pytest.raises(ValueError, match="max_length"):
+    text.tokenize(["a b c d e f g h i"], max_length=10)
+
+
+def test_config_variants_and_bad_values_fail_clearly():
+  with pytest.raises(ValueError, match="unknown config variant"):
+    clip.get_config("smokey")
+  assert imagebind.get_config("direct,smoke").pairs == "audio-text"
+  assert decur.get_config("barlow").loss.name == "barlow"
+  for key, value, match in [("pairs", "image-smell", "pairs"),
+                            ("loss.num_common", 16, "num_common"),
+                            ("data.text_length", 7, "text_length")]:
+    config = decur.get_config("smoke")
+    target, *parents = config, *key.split(".")[:-1]
+    for p in parents:
+      target = target[p]
+    target[key.split(".")[-1]] = value
+    with pytest.raises(ConfigError, match=match):
+      mm_train.validate(config)
+
+
+def test_emergent_retrieval_is_measured_on_pairs_never_seen_in_training():
+  config = imagebind.get_config("smoke")
+  splits = data.load_splits(num_samples=config.data.audio_samples, text_length=10)
+  sampler = mm_train.make_sampler(config, splits["train"])
+  seen_audio, seen_captions, keys = set(), set(), set()
+  for step in range(50):
+    index = sampler.indices(step)
+    keys |= set(index)
+    seen_audio |= set(splits["train"].audio_id[index["image-audio/audio"]].tolist())
+    seen_captions |= {splits["train"].captions[i] for i in index["image-text/text"]}
+  # No batch pairs audio with text: the only pairs are anchored on images.
+  assert keys == {"image-audio/image", "image-audio/audio", "image-text/image", "image-text/text"}
+  assert set(next(sampler)) == keys
+  # The clips and captions of the emergent-retrieval measurement are never in a training batch.
+  assert not seen_audio & set(splits["eval"].audio_id.tolist())
+  assert not seen_captions & set(splits["eval"].captions)
+  assert len(seen_audio) > 300 and len(seen_captions) == 100
+
+
+def _batches(config, n):
+  splits = data.load_splits(num_samples=config.data.audio_samples, text_length=10)
+  sampler = mm_train.make_sampler(config, splits["train"])
+  return [next(sampler) for _ in range(n)]
+
+
+def _stepper(config, devices):
+  """(initial replicated state, compiled step, mesh) on `devices`; one compile serves many runs."""
+  mesh = parallel.make_mesh(devices)
+  model = mm_train.build_model(config)
+  tx = optim.make_optimizer(config)
+  init = jax.device_get(mm_train.create_train_state(config, model, tx))  # host copy: steps donate
+  return init, mm_train.make_parallel_step(mesh, model=model, tx=tx, config=config), mesh
+
+
+def _run(stepper, batches):
+  init, step, mesh = stepper
+  state, losses = parallel.replicate(mesh, init), []
+  for b in batches:
+    state, m = step(state, parallel.shard_batch(mesh, b))
+    losses.append(float(m["loss"]))
+  return losses, jax.device_get(state)
+
+
+def _max_diff(a, b):
+  return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def imagebind_steppers():
+  """ImageBind `:smoke` steps compiled on 1 and on 8 devices (each compiled once)."""
+  config = imagebind.get_config("smoke")
+  return config, _stepper(config, jax.devices()[:1]), _stepper(config, jax.devices()[:8])
+
+
+def test_multimodal_step_on_eight_devices_matches_one_device(imagebind_steppers):
+  # ImageBind's step has all three encoders (batch norm in two of them) and two clip losses.
+  config, one, eight = imagebind_steppers
+  batches = _batches(config, 2)
+  loss1, state1 = _run(one, batches)
+  loss8, state8 = _run(eight, batches)
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  assert loss1[0] != loss1[1]
+  # The float32 floor: the same global batch with its rows permuted (within each pair) on one
+  # device; 8 devices must be as close to 1 device as that.
+  perm = np.random.default_rng(1).permutation(config.batch_size)
+  _, state_perm = _run(one, [{k: v[perm] for k, v in b.items()} for b in batches])
+  assert _max_diff(state8.params, state1.params) <= 4 * max(
+      _max_diff(state_perm.params, state1.params), 1e-6)
+  assert _max_diff(state8.batch_stats, state1.batch_stats) <= 4 * max(
+      _max_diff(state_perm.batch_stats, state1.batch_stats), 1e-6)
+
+
+def _preempt_after(calls_before_sigterm):
+  real = mm_train.make_parallel_step
+  calls = {"n": 0}
+
+  def make(*args, **kwargs):
+    step = real(*args, **kwargs)
+
+    def wrapped(state, batch):
+      calls["n"] += 1
+      if calls["n"] == calls_before_sigterm:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return step(state, batch)
+    return wrapped
+  return make
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+  """Each config's `:smoke` run, end to end (ImageBind with the heatmap drawn)."""
+  runs = {}
+  for name, module in CONFIGS.items():
+    config = module.get_config("smoke")
+    config.eval.plots = name == "imagebind"
+    workdir = str(tmp_path_factory.mktemp(name))
+    if name == "imagebind":  # Preempted by SIGTERM in step 3, then the same command again.
+      with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mm_train, "make_parallel_step", _preempt_after(3))
+        with pytest.raises(ssl_train.Preempted) as exc:
+          mm_train.train_and_evaluate(config, workdir)
+        assert exc.value.code == ssl_train.PREEMPTED_EXIT_CODE and exc.value.step == 3
+    runs[name] = (workdir, mm_train.train_and_evaluate(config, workdir), config)
+  return runs
+
+
+@pytest.mark.parametrize("name", ["clip", "imagebind", "decur"])
+def test_smoke_config_trains_checkpoints_and_reports(smoke_runs, name):
+  workdir, report, config = smoke_runs[name]
+  for path in ("eval.json", "metrics.jsonl", "config.json", "eval/report.md"):
+    assert os.path.exists(os.path.join(workdir, path)), path
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
+  assert steps == ([3, 4] if name == "imagebind" else [2, 4])  # ImageBind's saved at SIGTERM
+  with open(os.path.join(workdir, "eval.json"), encoding="utf-8") as f:
+    assert json.load(f) == json.loads(json.dumps(report))
+  assert report["retrieval"] and report["probe"]
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  records = [r for r in records if "loss" in r]
+  assert records[-1]["step"] == config.num_steps and np.isfinite(records[-1]["loss"])
+  if name == "clip":
+    assert 0 <= report["zero_shot"]["image"] <= 1 and report["retrieval"]["image->text"]["trained"]
+  if name == "imagebind":
+    assert os.path.exists(os.path.join(workdir, "eval", "similarity.png"))
+    for direction in ("audio->text", "text->audio"):
+      assert report["retrieval"][direction]["trained"] is False  # emergent
+    assert {"audio", "image"} <= set(report["zero_shot"]) and "arithmetic" in report
+  if name == "decur":
+    assert set(report["probe"]["audio"]["speaker"]) == {"all", "common", "unique"}
+    assert "image->audio (common dims)" in report["retrieval"]
+
+
+def test_preempted_and_resumed_run_equals_plain_steps(smoke_runs, imagebind_steppers):
+  workdir, _, config = smoke_runs["imagebind"]
+  _, _, eight = imagebind_steppers
+  _, state = _run(eight, _batches(config, config.num_steps))
+  restored = ocp.StandardCheckpointer().restore(
+      os.path.join(workdir, "checkpoints", str(config.num_steps), "state"))
+  jax.tree.map(np.testing.assert_array_equal, restored["params"], state.params)
+  jax.tree.map(np.testing.assert_array_equal, restored["batch_stats"], state.batch_stats)
+
+
+def test_zero_shot_and_chance_levels_on_constructed_embeddings():
+  labels = np.repeat(np.arange(10), 3)
+  t = np.eye(10)[labels] + 0.01
+  protos = evaluate.prototypes(t, labels)
+  assert evaluate.zero_shot_accuracy(np.eye(10)[labels], labels, protos) == 1.0
+  # Chance recall@1 is the share of relevant keys; recall@N is 1.
+  assert evaluate.chance_recall(30, np.array([3]), 1) == pytest.approx(0.1)
+  assert evaluate.chance_recall(30, np.array([3]), 30) == pytest.approx(1.0)
+  row = evaluate.retrieval_row(np.eye(10)[labels], labels, t, labels)
+  assert row["recall@1"] == 1.0 and row["chance_recall@1"] == pytest.approx(0.1)
