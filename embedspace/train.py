@@ -110,6 +110,33 @@ def embedding_health(z1: jax.Array, z2: jax.Array, *, axis_name: str | None) -> 
   }
 
 
+def apply_gradients(state: Any, loss: jax.Array, grads: Any, batch_stats: Any, *,
+                    tx: optax.GradientTransformation, skip_nonfinite: bool,
+                    axis_name: str | None) -> tuple[Any, Any]:
+  """The optimiser update of any train state with `step/params/batch_stats/opt_state/skipped`.
+
+  Averages `grads` over `axis_name` (pmap semantics: see `parallel.sharded`), applies `tx`, and
+  keeps the old state where the loss or a gradient is non-finite (counted in `skipped`); unless
+  `skip_nonfinite`, every step after the first such one is a no-op too, so the host can stop
+  with the last good state intact.
+
+  Returns:
+    `(new_state, averaged_grads)`.
+  """
+  grads = parallel.pmean(grads, axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss) & jnp.all(jnp.array(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  ok = finite if skip_nonfinite else finite & (state.skipped == 0)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+  new_state = state.replace(
+      step=state.step + 1, params=keep(params, state.params),
+      batch_stats=keep(batch_stats, state.batch_stats), opt_state=keep(opt_state, state.opt_state),
+      skipped=state.skipped + (~ok).astype(jnp.int32))
+  return new_state, grads
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.EmbeddingModel,
                tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
                axis_name: str | None = parallel.AXIS) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -134,18 +161,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
 
   (loss, (terms, batch_stats, z1, z2)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
-  grads = parallel.pmean(grads, axis_name)  # pmap semantics: see `parallel.sharded`.
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-
-  finite = jnp.isfinite(loss) & jnp.all(jnp.array(
-      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-  ok = finite if config.skip_nonfinite else finite & (state.skipped == 0)
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-  new_state = state.replace(
-      step=state.step + 1, params=keep(params, state.params),
-      batch_stats=keep(batch_stats, state.batch_stats), opt_state=keep(opt_state, state.opt_state),
-      skipped=state.skipped + (~ok).astype(jnp.int32))
+  new_state, grads = apply_gradients(state, loss, grads, batch_stats, tx=tx,
+                                     skip_nonfinite=config.skip_nonfinite, axis_name=axis_name)
 
   health_keys = embedding_health(z1, z2, axis_name=None).keys()
   health = jax.lax.cond(

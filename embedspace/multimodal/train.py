@@ -183,17 +183,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
 
   (loss, (terms, scales, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
-  grads = parallel.pmean(grads, axis_name)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  finite = jnp.isfinite(loss) & jnp.all(jnp.array(
-      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-  ok = finite if config.skip_nonfinite else finite & (state.skipped == 0)
-  keep = lambda new, old: jax.tree.map(lambda x, y: jnp.where(ok, x, y), new, old)
-  new_state = state.replace(
-      step=state.step + 1, params=keep(params, state.params),
-      batch_stats=keep(batch_stats, state.batch_stats), opt_state=keep(opt_state, state.opt_state),
-      skipped=state.skipped + (~ok).astype(jnp.int32))
+  new_state, grads = ssl_train.apply_gradients(
+      state, loss, grads, batch_stats, tx=tx, skip_nonfinite=config.skip_nonfinite,
+      axis_name=axis_name)
   metrics = {"loss": loss, **{f"loss/{k}": v for k, v in terms.items()}, **scales,
              "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(state.params),
              "skipped": new_state.skipped}
