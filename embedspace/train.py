@@ -177,10 +177,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
   return new_state, metrics
 
 
-def make_parallel_step(mesh: jax.sharding.Mesh, *, model: models.EmbeddingModel,
-                       tx: optax.GradientTransformation, config: ml_collections.ConfigDict):
-  """`train_step` over `mesh`: state replicated, batch split along axis 0, state donated."""
-  step = functools.partial(train_step, model=model, tx=tx, config=config, axis_name=parallel.AXIS)
+def make_parallel_step(mesh: jax.sharding.Mesh, *, model: Any,
+                       tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
+                       step_fn: Any = None):
+  """`step_fn` (default `train_step`) over `mesh`: state replicated, every batch array split
+  along axis 0, state donated. The multimodal trainer passes its own per-device step."""
+  step = functools.partial(step_fn or train_step, model=model, tx=tx, config=config,
+                           axis_name=parallel.AXIS)
   return jax.jit(parallel.sharded(step, mesh, in_specs=(P(), P(parallel.AXIS)),
                                   out_specs=(P(), P())), donate_argnums=0)
 

@@ -16,7 +16,6 @@ Per pair (a, b) the loss is CLIP's for 'clip' (Radford et al. 2021; ImageBind, G
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -27,7 +26,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
-from jax.sharding import PartitionSpec as P
 
 from embedspace import checkpointing
 from embedspace import losses
@@ -194,10 +192,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
 
 def make_parallel_step(mesh: jax.sharding.Mesh, *, model: models.MultimodalModel,
                        tx: optax.GradientTransformation, config: ml_collections.ConfigDict):
-  """`train_step` over `mesh`: state replicated, every batch array split on axis 0, donated."""
-  step = functools.partial(train_step, model=model, tx=tx, config=config, axis_name=parallel.AXIS)
-  return jax.jit(parallel.sharded(step, mesh, in_specs=(P(), P(parallel.AXIS)),
-                                  out_specs=(P(), P())), donate_argnums=0)
+  """`train_step` over `mesh`, compiled as the self-supervised step is (`train.make_parallel_step`)."""
+  return ssl_train.make_parallel_step(mesh, model=model, tx=tx, config=config, step_fn=train_step)
 
 
 def make_sampler(config: ml_collections.ConfigDict, split: data_lib.Split
