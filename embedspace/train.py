@@ -188,7 +188,7 @@ def make_parallel_step(mesh: jax.sharding.Mesh, *, model: Any,
                                   out_specs=(P(), P())), donate_argnums=0)
 
 
-class _Preemption:
+class Preemption:
   """SIGTERM, seen between steps: `reached(step)` says when to save and exit PREEMPTED_EXIT_CODE.
 
   One process: a Python handler turns SIGTERM into a flag. Several processes must all stop
@@ -239,7 +239,8 @@ class Preempted(SystemExit):
     self.step = step
 
 
-def _to_host(tree: Any) -> Any:
+def to_host(tree: Any) -> Any:
+  """Every leaf of `tree` as a NumPy array on the host."""
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
@@ -298,9 +299,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = metrics_lib.MetricWriter(workdir)
   schedule = optim.learning_rate_schedule(config)
 
-  progress = _progress(start, config.num_steps)
+  progress = progress_bar(start, config.num_steps)
   t_last, step_last = time.perf_counter(), start
-  with _Preemption() as preemption:
+  with Preemption() as preemption:
     for step in range(start, config.num_steps):
       batch = next(data_iter)
       batch = parallel.shard_batch(mesh, {"view1": batch["view1"], "view2": batch["view2"]})
@@ -308,8 +309,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       done = step + 1
       is_log = step % config.log_every == 0 or done == config.num_steps
       if is_log:
-        m = _to_host(metrics)
-        _check_finite(m, done, config, ckpt)
+        m = to_host(metrics)
+        check_finite(m, done, config, ckpt)
         now = time.perf_counter()
         m["images_per_sec"] = 2 * config.batch_size * (done - step_last) / max(now - t_last, 1e-9)
         m["learning_rate"] = schedule(step)
@@ -318,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         progress.set_postfix(loss=f"{m['loss']:.4g}", img_s=f"{m['images_per_sec']:.0f}")
       progress.update(1)
       if preemption.reached(done):
-        _check_finite(_to_host(metrics), done, config, ckpt)
+        check_finite(to_host(metrics), done, config, ckpt)
         ckpt.save(done, state, data_iter, force=True)
         ckpt.close()
         writer.close()
@@ -332,11 +333,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_scalars(done, {"eval/trained/encoder/knn_accuracy": knn})
         progress.write(f"step {done}: kNN accuracy {knn:.4f}")
       if done % config.checkpoint_every == 0 and done != config.num_steps:
-        _check_finite(_to_host(metrics), done, config, ckpt)
+        check_finite(to_host(metrics), done, config, ckpt)
         ckpt.save(done, state, data_iter)
   progress.close()
   if config.num_steps > start:
-    _check_finite(_to_host(metrics), config.num_steps, config, ckpt)
+    check_finite(to_host(metrics), config.num_steps, config, ckpt)
     ckpt.save(config.num_steps, state, data_iter, force=True)
   ckpt.close()
 
@@ -345,7 +346,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       init_variables=init_variables if config.eval.baselines else None, full=config.eval.full,
       out_dir=os.path.join(workdir, "eval") if config.eval.full else None,
       step=config.num_steps)
-  writer.write_scalars(config.num_steps, {f"eval/{k}": v for k, v in _flatten(report).items()})
+  writer.write_scalars(config.num_steps,
+                       {f"eval/{k}": v for k, v in flatten_scalars(report).items()})
   writer.close()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
@@ -353,8 +355,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return report
 
 
-def _check_finite(m: dict[str, Any], step: int, config: ml_collections.ConfigDict,
-                  ckpt: checkpointing.Checkpointer) -> None:
+def check_finite(m: dict[str, Any], step: int, config: ml_collections.ConfigDict,
+                ckpt: checkpointing.Checkpointer) -> None:
   """Stops the run (stop mode) once a step was non-finite; its state is the last good one."""
   skipped = int(m["skipped"])
   if skipped and not config.skip_nonfinite:
@@ -367,17 +369,19 @@ def _check_finite(m: dict[str, Any], step: int, config: ml_collections.ConfigDic
         "config.optimizer.grad_clip_norm, or set config.skip_nonfinite=True to skip such steps.")
 
 
-def _progress(start: int, total: int):
+def progress_bar(start: int, total: int):
+  """A tqdm bar from `start` to `total` steps, shown by process 0 only."""
   import tqdm  # The bar only on process 0; elsewhere a silent stand-in.
   return tqdm.tqdm(initial=start, total=total, desc="train", unit="step",
                    disable=jax.process_index() != 0, dynamic_ncols=True)
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
+def flatten_scalars(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
+  """The numeric leaves of a nested dict, keyed "a/b/c" (for TensorBoard)."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}/"))
+      out.update(flatten_scalars(v, f"{prefix}{k}/"))
     elif isinstance(v, (int, float, np.floating, np.integer)):
       out[f"{prefix}{k}"] = float(v)
   return out

@@ -246,16 +246,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   schedule = optim.learning_rate_schedule(config)
   pairs_per_step = config.batch_size * len(pairs_of(config)) * num_views(config)
 
-  progress = ssl_train._progress(start, config.num_steps)
+  progress = ssl_train.progress_bar(start, config.num_steps)
   t_last, step_last = time.perf_counter(), start
   metrics = None
-  with ssl_train._Preemption() as preemption:
+  with ssl_train.Preemption() as preemption:
     for step in range(start, config.num_steps):
       state, metrics = p_step(state, parallel.shard_batch(mesh, next(sampler)))
       done = step + 1
       if step % config.log_every == 0 or done == config.num_steps:
-        m = ssl_train._to_host(metrics)
-        ssl_train._check_finite(m, done, config, ckpt)
+        m = ssl_train.to_host(metrics)
+        ssl_train.check_finite(m, done, config, ckpt)
         now = time.perf_counter()
         m["pairs_per_sec"] = pairs_per_step * (done - step_last) / max(now - t_last, 1e-9)
         m["learning_rate"] = schedule(step)
@@ -264,7 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         progress.set_postfix(loss=f"{m['loss']:.4g}", pairs_s=f"{m['pairs_per_sec']:.0f}")
       progress.update(1)
       if preemption.reached(done):
-        ssl_train._check_finite(ssl_train._to_host(metrics), done, config, ckpt)
+        ssl_train.check_finite(ssl_train.to_host(metrics), done, config, ckpt)
         ckpt.save(done, state, sampler, force=True)
         ckpt.close()
         writer.close()
@@ -272,11 +272,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         done, workdir)
         raise ssl_train.Preempted(done)
       if done % config.checkpoint_every == 0 and done != config.num_steps:
-        ssl_train._check_finite(ssl_train._to_host(metrics), done, config, ckpt)
+        ssl_train.check_finite(ssl_train.to_host(metrics), done, config, ckpt)
         ckpt.save(done, state, sampler)
   progress.close()
   if config.num_steps > start:
-    ssl_train._check_finite(ssl_train._to_host(metrics), config.num_steps, config, ckpt)
+    ssl_train.check_finite(ssl_train.to_host(metrics), config.num_steps, config, ckpt)
     ckpt.save(config.num_steps, state, sampler, force=True)
   ckpt.close()
 
@@ -285,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config, build_model(config, bn_axis_name=None), variables, splits,
       out_dir=os.path.join(workdir, "eval") if jax.process_index() == 0 else None)
   writer.write_scalars(config.num_steps, {f"eval/{k}": v
-                                          for k, v in ssl_train._flatten(report).items()})
+                                          for k, v in ssl_train.flatten_scalars(report).items()})
   writer.close()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
