@@ -177,22 +177,37 @@ def _check_compatible(config: Any, variables: dict[str, Any], workdir: str) -> A
 def load_workdir(workdir: str) -> tuple[Any, Any, dict[str, Any], int]:
   """The config, model and variables of the newest intact checkpoint of a training run.
 
+  `restore_newest`, then a check of the parameters against the model the config builds.
+
+  Returns:
+    `(config, model, {"params", "batch_stats"}, step)`.
+
+  Raises:
+    FileNotFoundError, checkpointing.NoIntactCheckpointError: see `restore_newest`.
+    IncompatibleWorkdirError: config or parameters do not fit this version's model.
+  """
+  config, variables, step = restore_newest(workdir)
+  return config, _check_compatible(config, variables, workdir), variables, step
+
+
+def restore_newest(workdir: str) -> tuple[Any, dict[str, Any], int]:
+  """The config and variables of the newest intact checkpoint of any embedspace training run.
+
   Only the train state is read (not the data iterator), onto one device whatever the device
   count of the run that saved it. It is checked against the checkpoint's integrity record
-  (`checkpointing.verify_restored`) and against the parameter shapes of the model its config
-  builds. Damaged checkpoints are skipped with a warning and left where they are (training moves
+  (`checkpointing.verify_restored`). Damaged checkpoints are skipped with a warning and left where they are (training moves
   them aside when it resumes).
 
   Args:
     workdir: a directory written by `train.train_and_evaluate` (`config.json`, `checkpoints/`).
 
   Returns:
-    `(config, model, {"params", "batch_stats"}, step)`.
+    `(config, {"params", "batch_stats"}, step)`.
 
   Raises:
     FileNotFoundError: no `config.json` or no checkpoint in `workdir`.
     checkpointing.NoIntactCheckpointError: checkpoints exist but none restores.
-    IncompatibleWorkdirError: config or parameters do not fit this version's model.
+    IncompatibleWorkdirError: `config.json` is not a config, or the state is not a train state.
   """
   import ml_collections
 
@@ -229,8 +244,7 @@ def load_workdir(workdir: str) -> tuple[Any, Any, dict[str, Any], int]:
     if not isinstance(state, Mapping) or not {"params", "batch_stats"} <= set(state):
       raise IncompatibleWorkdirError(
           f"checkpoint {step_dir} holds no params/batch_stats: not an embedspace train state.")
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    return config, _check_compatible(config, variables, workdir), variables, step
+    return config, {"params": state["params"], "batch_stats": state["batch_stats"]}, step
   raise checkpointing.NoIntactCheckpointError(
       f"no checkpoint under {ckpt_dir} could be restored ({'; '.join(failures)}).")
 

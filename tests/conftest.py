@@ -34,3 +34,20 @@ def smoke_workdir(tmp_path_factory):
   finally:
     evaluate.evaluate_run = real
   return workdir
+
+
+@pytest.fixture(scope="session")
+def imagebind_smoke_workdir(tmp_path_factory):
+  """An ImageBind `:smoke` workdir (image, audio and text encoders), trained once per process.
+
+  The frozen encoders of the interfaces over embeddings (PaLM-E-style, FIND-style) load it with
+  `embedspace.multimodal.train.load_workdir`.
+  """
+  from configs import imagebind
+  from embedspace.multimodal import train as mm_train
+
+  workdir = str(tmp_path_factory.mktemp("imagebind_smoke"))
+  config = imagebind.get_config("smoke")
+  config.eval.plots = False
+  mm_train.train_and_evaluate(config, workdir)
+  return workdir

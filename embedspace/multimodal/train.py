@@ -28,6 +28,7 @@ import optax
 from absl import logging
 
 from embedspace import checkpointing
+from embedspace import inference
 from embedspace import losses
 from embedspace import metrics as metrics_lib
 from embedspace import optim
@@ -103,6 +104,34 @@ def build_model(config: ml_collections.ConfigDict, *,
       image=config.model.image.to_dict(), audio=config.model.audio.to_dict(),
       text=config.model.text.to_dict(), projector_dims=tuple(config.model.projector_dims),
       logit_scale_init=float(config.loss.logit_scale_init), bn_axis_name=bn_axis_name)
+
+
+def load_workdir(workdir: str) -> tuple[ml_collections.ConfigDict, models.MultimodalModel,
+                                        dict[str, Any], int]:
+  """`(config, model, variables, step)` of a multimodal run's newest intact checkpoint.
+
+  The model is built without the batch-norm axis (for use on one device or under plain `jit`);
+  `model.apply(variables, modality, x, train=False, method="embed")` gives `(features,
+  embeddings)`. Used by the interfaces over frozen encoders (`configs/palme.py`, `find.py`).
+
+  Raises:
+    FileNotFoundError, checkpointing.NoIntactCheckpointError: see `inference.restore_newest`.
+    inference.IncompatibleWorkdirError: the run is not multimodal or does not fit this version.
+  """
+  config, variables, step = inference.restore_newest(workdir)
+  if config.get("method") not in ("clip", "imagebind", "decur"):
+    raise inference.IncompatibleWorkdirError(
+        f"{workdir} is a {config.get('method', 'self-supervised')!r} run, not a multimodal one "
+        "(train one with python -m embedspace.main --config=configs/imagebind.py --workdir=DIR)")
+  model = build_model(config, bn_axis_name=None)
+  expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy_inputs(config),
+                                               train=False))["params"]
+  shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)  # noqa: E731
+  if shapes(expected) != shapes(variables["params"]):
+    raise inference.IncompatibleWorkdirError(
+        f"the parameters in {workdir} do not fit the model its config.json builds with this "
+        "version of embedspace (retrain, or use the version that trained it)")
+  return config, model, variables, step
 
 
 def dummy_inputs(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
