@@ -190,8 +190,9 @@ def evaluate_run(config: ml_collections.ConfigDict, model: models.MultimodalMode
     parts.update({"common": (np.arange(d) < k).astype(np.float32),
                   "unique": (np.arange(d) >= k).astype(np.float32)})
     for a, b in itertools.permutations(modalities, 2):
-      report["retrieval"][f"{a}->{b} (common dims)"] = retrieval_row(
-          emb["eval"][a][:, :k], labels[a], emb["eval"][b][:, :k], labels[b])
+      row = retrieval_row(emb["eval"][a][:, :k], labels[a], emb["eval"][b][:, :k], labels[b])
+      row["trained"] = frozenset((a, b)) in trained
+      report["retrieval"][f"{a}->{b} (common dims)"] = row
   train = splits["train"]
   train_labels = {"image": train.image_label, "audio": train.audio_label}
   steps, limit = config.eval.probe_steps, config.eval.max_train_examples
