@@ -31,6 +31,10 @@ def base(method: str, pairs: str) -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
+  # 'shipped': the package's MNIST test split and FSDD copy; 'tfds': TFDS mnist + spoken_digit,
+  # prepared as array_record in tfds_data_dir (default $TFDS_DATA_DIR; needs network once).
+  c.data.source = "shipped"
+  c.data.tfds_data_dir = ml_collections.config_dict.placeholder(str)
   c.data.audio_samples = 6000  # 0.75 s at 8 kHz: 72 log-mel frames of 10 ms
   c.data.text_length = 10
   c.data.augment = ml_collections.ConfigDict()

@@ -69,6 +69,44 @@ def test_shipped_fsdd_asset_is_compact_complete_and_split_officially():
   assert np.bincount(splits["eval"].audio_speaker).tolist() == [50] * 6
 
 
+def _fake_tfds(name, split, data_dir):
+  """Records shaped as TFDS `mnist` / `spoken_digit` give them (int64 PCM, bytes file names)."""
+  del data_dir
+  rng = np.random.default_rng(0)
+  if name == "mnist":
+    n = 60 if split == "train" else 20
+    return [{"image": rng.integers(0, 256, (28, 28, 1), np.uint8), "label": i % 10}
+            for i in range(n)]
+  assert name == "spoken_digit" and split == "train"
+  return [{"audio": rng.integers(-3000, 3000, 900 + i).astype(np.int64), "label": d,
+           "audio/filename": f"{d}_{speaker}_{index}.wav".encode()}
+          for i, (d, speaker, index) in enumerate(
+              (d, s, k) for d in (3, 1) for s in ("theo", "george") for k in (7, 0, 5, 2))]
+
+
+def test_tfds_source_reads_mnist_and_spoken_digit_records(monkeypatch):
+  monkeypatch.setattr(data, "tfds_records", _fake_tfds)
+  splits = data.load_splits.__wrapped__(num_samples=1000, text_length=10, source="tfds")
+  train, ev = splits["train"], splits["eval"]
+  assert train.image.shape == (60, 28, 28, 1) and ev.image.shape == (20, 28, 28, 1)
+  assert train.image_raw.dtype == np.uint8
+  assert ev.image_label.tolist() == [i % 10 for i in range(20)]
+  # Official split by recording index (0-4 eval), sorted by (digit, speaker, index).
+  assert len(ev.audio) == 8 and len(train.audio) == 8 and train.audio.shape[1] == 1000
+  assert ev.audio_label.tolist() == [1, 1, 1, 1, 3, 3, 3, 3]
+  assert [data.SPEAKERS[s] for s in ev.audio_speaker[:4]] == ["george", "george", "theo", "theo"]
+  assert np.abs(train.audio).max() <= 3000 / 32768 + 1e-6 and np.abs(train.audio).max() > 0.05
+  with pytest.raises(ValueError, match="not an FSDD file name"):
+    data.fsdd_from_records([{"audio": np.zeros(5), "audio/filename": b"seven.wav"}])
+
+
+def test_tfds_source_without_prepared_data_says_how_to_get_it(tmp_path):
+  with pytest.raises(FileNotFoundError, match="tfds build mnist --file_format=array_record"):
+    data.load_splits(num_samples=1000, text_length=10, source="tfds", data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="source"):
+    data.load_splits(num_samples=1000, text_length=10, source="web")
+
+
 @pytest.mark.skipif(not os.path.isdir(FSDD), reason="FSDD wav files not staged")
 def test_asset_regenerates_from_the_wav_files(tmp_path):
   names = ["0_george_0.wav", "7_jackson_32.wav", "9_yweweler_49.wav", "3_theo_5.wav"]
@@ -105,6 +143,7 @@ def test_config_variants_and_bad_values_fail_clearly():
   assert decur.get_config("barlow").loss.name == "barlow"
   for key, value, match in [("pairs", "image-smell", "pairs"),
                             ("loss.num_common", 16, "num_common"),
+                            ("data.source", "web", "data.source"),
                             ("data.text_length", 7, "text_length")]:
     config = decur.get_config("smoke")
     target, *parents = config, *key.split(".")[:-1]

@@ -124,30 +124,57 @@ class Split:
   captions: tuple[str, ...]  # [Nt]
 
 
+SOURCES = ("shipped", "tfds")
+"""Where `load_splits` reads: the data shipped in the package, or TFDS `mnist` + `spoken_digit`."""
+
+
 @functools.lru_cache(maxsize=4)
-def load_splits(*, num_samples: int, text_length: int) -> dict[str, Split]:
-  """`{"train": Split, "eval": Split}` of the shipped data (see the module docstring).
+def load_splits(*, num_samples: int, text_length: int, source: str = "shipped",
+                data_dir: str | None = None) -> dict[str, Split]:
+  """`{"train": Split, "eval": Split}` (see the module docstring).
+
+  Args:
+    num_samples: clip length in samples at 8 kHz (clips are cropped to their loudest window or
+      zero-padded).
+    text_length: caption length in tokens.
+    source: 'shipped' (the package's MNIST test split re-split 8,000/2,000, and its FSDD copy)
+      or 'tfds': TFDS `mnist` (train 60,000 / test 10,000) and `spoken_digit` (FSDD v1.0.9,
+      2,500 clips, the same official split by recording index), both prepared as array_record
+      in `data_dir` (needs network once; see `tfds_records`).
+    data_dir: TFDS data dir for `source='tfds'` (default `$TFDS_DATA_DIR`).
 
   Raises:
-    ValueError: if `num_samples` is not in [400, MAX_SAMPLES].
+    ValueError: if `num_samples` is not in [400, MAX_SAMPLES] or `source` is unknown.
+    FileNotFoundError: a TFDS dataset is not prepared (the message says how to prepare it).
   """
   if not 400 <= num_samples <= MAX_SAMPLES:
     raise ValueError(f"num_samples={num_samples} must be in [400, {MAX_SAMPLES}]")
-  images, labels = idx_lib.read_idx_pair(
-      os.path.join(MNIST_DIR, "t10k-images-idx3-ubyte.gz"),
-      os.path.join(MNIST_DIR, "t10k-labels-idx1-ubyte.gz"), num_classes=10)
-  image_index = dict(zip(("train", "eval"), data_lib.stratified_split(labels, num_train=8000)))
+  if source not in SOURCES:
+    raise ValueError(f"source={source!r} must be one of {SOURCES}")
+  if source == "shipped":
+    images, labels = idx_lib.read_idx_pair(
+        os.path.join(MNIST_DIR, "t10k-images-idx3-ubyte.gz"),
+        os.path.join(MNIST_DIR, "t10k-labels-idx1-ubyte.gz"), num_classes=10)
+    image_split = {"train": (images, labels), "eval": (images, labels)}
+    image_index = dict(zip(("train", "eval"), data_lib.stratified_split(labels, num_train=8000)))
+    fsdd = load_fsdd()
+    waves = np.stack([audio_lib.fix_length(audio_lib.mulaw_decode(c), num_samples)
+                      for c in fsdd["clips"]])
+  else:
+    image_split = {name: _image_arrays(tfds_records("mnist", split, data_dir))
+                   for name, split in (("train", "train"), ("eval", "test"))}
+    image_index = {name: np.arange(len(image_split[name][1])) for name in image_split}
+    fsdd = fsdd_from_records(tfds_records("spoken_digit", "train", data_dir))
+    waves = np.stack([audio_lib.fix_length(c, num_samples) for c in fsdd["clips"]])
   mean, std = data_lib.normalization("embedded_mnist", channels=1)
-  fsdd = load_fsdd()
-  waves = np.stack([audio_lib.fix_length(audio_lib.mulaw_decode(c), num_samples)
-                    for c in fsdd["clips"]])
   is_eval = fsdd["index"] < NUM_EVAL_PER_SPEAKER_DIGIT
   out = {}
   for name, templates in (("train", text_lib.TRAIN_TEMPLATES),
                           ("eval", text_lib.HELD_OUT_TEMPLATES)):
+    images, labels = image_split[name]
     ii = image_index[name]
     ai = np.flatnonzero(is_eval if name == "eval" else ~is_eval).astype(np.int32)
-    raw = images[ii][..., None]
+    raw = images[ii].reshape(len(ii), 28, 28, 1)
     strings, text_labels = text_lib.captions(templates)
     out[name] = Split(
         image=((raw.astype(np.float32) / 255 - mean[0]) / std[0]).astype(np.float32),
@@ -156,6 +183,60 @@ def load_splits(*, num_samples: int, text_length: int) -> dict[str, Split]:
         text=text_lib.tokenize(strings, max_length=text_length), text_label=text_labels,
         captions=tuple(strings))
   return out
+
+
+def tfds_records(name: str, split: str, data_dir: str | None) -> Any:
+  """`tfds.data_source(name, split)` from `data_dir`, or a FileNotFoundError saying what to run.
+
+  Nothing is downloaded at run time: on a machine with network, `tfds build mnist spoken_digit
+  --file_format=array_record --data_dir=DIR` prepares both (then copy DIR here).
+  """
+  import tensorflow_datasets as tfds  # Only for source='tfds'.
+
+  data_dir = os.path.expanduser(data_dir) if data_dir else data_lib.default_data_dir()
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except (NotImplementedError, FileNotFoundError, AssertionError) as e:
+    raise FileNotFoundError(
+        f"TFDS dataset {name!r} is not prepared as array_record in {data_dir}. On a machine "
+        f"with network run `tfds build {name} --file_format=array_record --data_dir=DIR` and "
+        f"copy DIR/{name} to {data_dir}/ (or set config.data.tfds_data_dir=DIR); or use the "
+        "shipped data (config.data.source='shipped').") from e
+
+
+def _image_arrays(records: Any) -> tuple[np.ndarray, np.ndarray]:
+  """`(uint8 [N, 28, 28, 1], int32 [N])` of a TFDS `mnist` split."""
+  n = len(records)
+  rows = [records[i] for i in range(n)]
+  return (np.stack([np.asarray(r["image"], np.uint8) for r in rows]),
+          np.array([int(r["label"]) for r in rows], np.int32))
+
+
+def fsdd_from_records(records: Any) -> dict[str, Any]:
+  """Records of TFDS `spoken_digit` (int PCM `audio`, `audio/filename`) as `load_fsdd`'s dict.
+
+  The clips are float32 waveforms in [-1, 1] (not mu-law codes); digit, speaker and index
+  come from the file name `{digit}_{speaker}_{index}.wav`, sorted as the shipped asset is.
+
+  Raises:
+    ValueError: a file name that is not FSDD's, or a speaker not in `SPEAKERS`.
+  """
+  rows = []
+  for i in range(len(records)):
+    r = records[i]
+    name = r["audio/filename"]
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    m = _NAME.match(os.path.basename(name))
+    if not m or m.group(2) not in SPEAKERS:
+      raise ValueError(f"{name!r}: not an FSDD file name {{digit}}_{{speaker}}_{{index}}.wav "
+                       f"with a speaker in {SPEAKERS}")
+    pcm = np.asarray(r["audio"]).reshape(-1).astype(np.float32) / 32768.0
+    rows.append((int(m.group(1)), SPEAKERS.index(m.group(2)), int(m.group(3)), pcm))
+  rows.sort(key=lambda row: row[:3])
+  return {"clips": [row[3] for row in rows],
+          "digit": np.array([row[0] for row in rows], np.int32),
+          "speaker": np.array([row[1] for row in rows], np.int32),
+          "index": np.array([row[2] for row in rows], np.int32)}
 
 
 def parse_pairs(pairs: str) -> tuple[tuple[str, str], ...]:
@@ -191,7 +272,8 @@ class PairedBatches:
   Batch at step s: for each pair (a, b), the global batch's `i`-th row draws an `a` item
   uniformly and a `b` item of the same digit, from `np.random.default_rng([seed, s, pair])`;
   this process returns its rows `[p B / P, (p + 1) B / P)`, each item's views augmented with
-  `default_rng([seed, s, k, row])` (k: the array's position among the sorted batch keys). Text is not augmented (its views repeat).
+  `default_rng([seed, s, k, row])` (k: the array's position among the sorted batch keys). Text
+  is not augmented (its views repeat).
   """
 
   def __init__(self, split: Split, *, pairs: tuple[tuple[str, str], ...], global_batch_size: int,

@@ -90,6 +90,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require(len(pairs) == 1, "pairs", "DeCUR takes exactly one pair of modalities")
     require(0 < config.loss.num_common < config.model.projector_dims[-1], "loss.num_common",
             f"must be in [1, {config.model.projector_dims[-1] - 1}] (some dims unique)")
+  require(config.data.source in data_lib.SOURCES, "data.source",
+          f"must be one of {data_lib.SOURCES}")
   require(400 <= config.data.audio_samples <= data_lib.MAX_SAMPLES, "data.audio_samples",
           f"must be in [400, {data_lib.MAX_SAMPLES}]")
   require(config.data.text_length == config.model.text.max_length, "data.text_length",
@@ -221,7 +223,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: models.
 
 def make_parallel_step(mesh: jax.sharding.Mesh, *, model: models.MultimodalModel,
                        tx: optax.GradientTransformation, config: ml_collections.ConfigDict):
-  """`train_step` over `mesh`, compiled as the self-supervised step is (`train.make_parallel_step`)."""
+  """`train_step` over `mesh`, compiled as the self-supervised step is.
+
+  See `train.make_parallel_step`.
+  """
   return ssl_train.make_parallel_step(mesh, model=model, tx=tx, config=config, step_fn=train_step)
 
 
@@ -257,7 +262,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   check_workdir_config(config, workdir)
   logging.info("%s", parallel.describe(mesh))
   splits = data_lib.load_splits(num_samples=config.data.audio_samples,
-                                text_length=config.data.text_length)
+                                text_length=config.data.text_length,
+                                source=config.data.source, data_dir=config.data.tfds_data_dir)
   sampler = make_sampler(config, splits["train"])
 
   model = build_model(config)
