@@ -6,6 +6,8 @@ batch with explicit collectives (negatives gathered, batch statistics psum-ed) a
 same value on every device; with `axis_name=None` it is the plain single-device loss.
 """
 
+from embedspace.losses._blockwise import clip_loss_blockwise
+from embedspace.losses._blockwise import info_nce_blockwise
 from embedspace.losses._contrastive import CLIP_LOGIT_SCALE_INIT
 from embedspace.losses._contrastive import CLIP_MAX_LOGIT_SCALE
 from embedspace.losses._contrastive import clip_loss
@@ -25,10 +27,12 @@ __all__ = [
     "alignment",
     "barlow_twins_loss",
     "clip_loss",
+    "clip_loss_blockwise",
     "decur_loss",
     "effective_rank",
     "embedding_std",
     "info_nce",
+    "info_nce_blockwise",
     "positive_negative_geodesic",
     "uniformity",
     "vicreg_loss",
