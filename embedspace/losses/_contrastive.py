@@ -144,10 +144,13 @@ def clip_loss(
   n = _common.global_batch_size(a, axis_name)
   labels = _common.global_row_offset(a, axis_name) + jnp.arange(a.shape[0])
 
-  def cross_entropy_sum(x, y_all):
-    log_prob = jax.nn.log_softmax(scale * _common.matmul(x, y_all.T), axis=-1)  # [b, n]
+  def cross_entropy_sum(logits):  # [b, n]: row i's positive is column labels[i]
+    log_prob = jax.nn.log_softmax(scale * logits, axis=-1)
     return -jnp.sum(jnp.take_along_axis(log_prob, labels[:, None], axis=-1))
 
-  total = (cross_entropy_sum(a, parallel.all_gather(b, axis_name))
-           + cross_entropy_sum(b, parallel.all_gather(a, axis_name)))
+  if axis_name is None:  # One product: b's logits are the transpose of a's.
+    logits = _common.matmul(a, b.T)
+    return (cross_entropy_sum(logits) + cross_entropy_sum(logits.T)) / (2 * n)
+  total = (cross_entropy_sum(_common.matmul(a, parallel.all_gather(b, axis_name).T))
+           + cross_entropy_sum(_common.matmul(b, parallel.all_gather(a, axis_name).T)))
   return parallel.psum(total, axis_name) / (2 * n)

@@ -1,0 +1,104 @@
+"""Runs every side-by-side benchmark and writes `results.json` and the tables of `RESULTS.md`.
+
+  pip install -e '.[bench]'
+  python -m benchmarks.run_all                   # ~15 min on 2 idle CPU cores, ~30 when shared
+  python -m benchmarks.run_all --quick           # tiny sizes: a smoke check
+  python benchmarks/run_all.py --out=/tmp/bench --only=losses,knn
+
+Benchmarks: `losses` (embedspace's losses vs lightly's), `train_step` (the VICReg training
+step vs a PyTorch + lightly loop, and the step's FLOP/s vs a matmul), `knn` (blocked `top_k`
+vs faiss and scikit-learn) and, when present, `big_batch` (another module with the same
+`run(quick) -> list[dict]` interface). Each module is also runnable alone. Nothing here picks a
+device: JAX runs on its default backend and torch on CUDA when it sees one, so the same command
+runs on an accelerator machine. Only the generated part of RESULTS.md (between its markers) is
+rewritten; the analysis written around it is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+if __package__ in (None, ""):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common
+
+BENCHMARKS = ("losses", "train_step", "knn", "big_batch")
+"""Modules of `benchmarks/` run in this order; a missing optional one (big_batch) is skipped."""
+
+_REQUIRED = ("losses", "train_step", "knn")
+
+
+def run_benchmarks(names: list[str], quick: bool, *, compile_torch: bool) -> list[dict[str, Any]]:
+  """Runs the named benchmark modules; a failing one becomes an error row (and is printed)."""
+  rows: list[dict[str, Any]] = []
+  for name in names:
+    module_name = f"benchmarks.{name}"
+    if name not in _REQUIRED and importlib.util.find_spec(module_name) is None:
+      print(f"[run_all] {name}: no benchmarks/{name}.py, skipped", file=sys.stderr)
+      continue
+    print(f"[run_all] {name} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+      module = importlib.import_module(module_name)
+      if name == "train_step":
+        out = module.run(quick, compile_=compile_torch)
+      else:
+        out = module.run(quick)
+    except Exception as e:  # One broken benchmark must not lose the others' results.
+      traceback.print_exc()
+      out = [{"benchmark": name, "case": "error", "impl": "", "summary": True,
+              "error": f"{type(e).__name__}: {e}",
+              "note": f"**{name} failed**: {type(e).__name__}: {str(e)[:300]}"}]
+    print(f"[run_all] {name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
+          flush=True)
+    rows += [normalize_row(name, r) for r in out]
+  return rows
+
+
+def normalize_row(name: str, r: dict[str, Any]) -> dict[str, Any]:
+  """Gives a row of another module's shape the `benchmark`, `case` and `impl` keys."""
+  r = dict(r)
+  r.setdefault("benchmark", name)
+  if "case" not in r:
+    r["case"] = ", ".join(f"{k}={r[k]}" for k in ("n", "dim", "batch", "size") if k in r) or "-"
+  r.setdefault("impl", str(r.get("method", "")))
+  return r
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Parses flags, runs the benchmarks and writes the results; returns the exit code."""
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke check")
+  parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)),
+                      help="folder for results.json and RESULTS.md (default: benchmarks/)")
+  parser.add_argument("--only", default=",".join(BENCHMARKS),
+                      help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
+  parser.add_argument("--no_torch_compile", action="store_true",
+                      help="skip the torch.compile variant of the training loop")
+  args = parser.parse_args(argv)
+  names = [n for n in args.only.split(",") if n]
+  unknown = sorted(set(names) - set(BENCHMARKS))
+  if unknown:
+    parser.error(f"unknown benchmarks {unknown}; valid: {', '.join(BENCHMARKS)}")
+  command = "python -m benchmarks.run_all" + "".join(
+      f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+  print(f"[run_all] load average before: {os.getloadavg()}", file=sys.stderr)
+  t0 = time.perf_counter()
+  rows = run_benchmarks(names, args.quick, compile_torch=not args.no_torch_compile)
+  info = common.machine_info()
+  json_path, md_path = common.write_results(args.out, rows, info, command,
+                                            time.perf_counter() - t0)
+  print(f"[run_all] wrote {json_path} and {md_path}", file=sys.stderr)
+  return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
