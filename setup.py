@@ -34,10 +34,23 @@ setuptools.setup(
         "tsne": ["scikit-learn>=1.5"],
         # Embeddings as a faiss index (python -m embedspace.search --faiss_index=PATH).
         "faiss": ["faiss-cpu>=1.15"],
+        # Side-by-side benchmarks (python -m benchmarks.run_all): the PyTorch reference stack.
+        # pip resolves torch to the large CUDA build; it runs on the CPU as well.
+        "bench": [
+            "torch>=2.14.1",
+            "torchvision>=0.29.1",
+            "lightly>=1.6.0",
+            "scikit-learn>=1.9.1",
+            "faiss-cpu>=1.15.1",
+        ],
         "test": [
             "pytest>=9.0",
             "pytest-xdist>=3.8",
             "hypothesis>=6.100",
+            # tests/test_notebooks.py runs experiments/*.ipynb in a kernel.
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
         ],
     },
 )
