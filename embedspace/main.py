@@ -87,9 +87,16 @@ def main(argv: list[str]) -> None:
   if not FLAGS.workdir:
     print(f"--workdir not given; using {workdir}", flush=True)
   try:
-    if FLAGS.config.get("method") in ("clip", "imagebind", "decur"):
+    method = FLAGS.config.get("method")
+    if method in ("clip", "imagebind", "decur"):
       from embedspace.multimodal import train as multimodal_train
       report = multimodal_train.train_and_evaluate(FLAGS.config, workdir)
+    elif method == "palme":
+      from embedspace.interface import palme_train
+      report = palme_train.train_and_evaluate(FLAGS.config, workdir)
+    elif method == "find":
+      from embedspace.interface import find_train
+      report = find_train.train_and_evaluate(FLAGS.config, workdir)
     else:
       report = train.train_and_evaluate(FLAGS.config, workdir)
   except (ConfigError, checkpointing.NoIntactCheckpointError) as e:
