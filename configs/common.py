@@ -75,6 +75,7 @@ def base(method: str) -> ml_collections.ConfigDict:
   # True: also kNN/retrieval under every measure, OOD vs MNIST, geometry report and plots in
   # workdir/eval (see `python -m embedspace.evaluate`); False: kNN + probe + baselines only.
   c.eval.full = True
+  c.eval.at_end = True  # False: no evaluation after the last step (evaluate later with the CLI)
   return c
 
 

@@ -341,6 +341,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt.save(config.num_steps, state, data_iter, force=True)
   ckpt.close()
 
+  if not config.eval.get("at_end", True):
+    writer.close()
+    logging.info("config.eval.at_end=False: no evaluation; run python -m embedspace.evaluate "
+                 "--workdir=%s", workdir)
+    return {}
   report = evaluate.evaluate_run(
       config, model, {"params": state.params, "batch_stats": state.batch_stats}, mesh,
       init_variables=init_variables if config.eval.baselines else None, full=config.eval.full,
@@ -372,8 +377,10 @@ def check_finite(m: dict[str, Any], step: int, config: ml_collections.ConfigDict
 def progress_bar(start: int, total: int):
   """A tqdm bar from `start` to `total` steps, shown by process 0 only."""
   import tqdm  # The bar only on process 0; elsewhere a silent stand-in.
-  return tqdm.tqdm(initial=start, total=total, desc="train", unit="step",
-                   disable=jax.process_index() != 0, dynamic_ncols=True)
+  # `disable` only where it must be, so TQDM_DISABLE=1 still silences process 0's bar.
+  hidden = {"disable": True} if jax.process_index() != 0 else {}
+  return tqdm.tqdm(initial=start, total=total, desc="train", unit="step", dynamic_ncols=True,
+                   **hidden)
 
 
 def flatten_scalars(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
