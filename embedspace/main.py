@@ -114,7 +114,8 @@ def main(argv: list[str]) -> None:
           "the last checkpoint.", file=sys.stderr, flush=True)
     os._exit(LOST_PROCESS_EXIT_CODE)
   summary = {name: report[name] for name in
-             ("trained", "random_init", "raw_pixels", "zero_shot", "retrieval", "probe")
+             ("trained", "random_init", "raw_pixels", "zero_shot", "retrieval", "probe",
+              "accuracy", "interface", "baseline_windows")
              if name in report}
   if jax.process_index() == 0:
     print(f"evaluation ({workdir}/eval.json): {summary}", flush=True)
