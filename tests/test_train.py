@@ -52,7 +52,9 @@ def _max_diff(a, b):
   return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("method", ["vicreg", "simclr", "barlow"])
+# Barlow Twins differs from VICReg only in its loss, whose 8-vs-1 equality test_losses_parallel
+# checks; its 1024-d projector made this test the slowest of the three (53 s).
+@pytest.mark.parametrize("method", ["vicreg", "simclr"])
 def test_eight_devices_match_one_device(method):
   # LARS, not the default AdamW: Adam divides each gradient entry by its own running RMS, so an
   # entry that is mathematically zero (rounding noise only) still moves its parameter by a full
