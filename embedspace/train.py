@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax
@@ -297,49 +298,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       "from step 0", workdir)
   p_step = make_parallel_step(mesh, model=model, tx=tx, config=config)
   writer = metrics_lib.MetricWriter(workdir)
-  schedule = optim.learning_rate_schedule(config)
 
-  progress = progress_bar(start, config.num_steps)
-  t_last, step_last = time.perf_counter(), start
-  with Preemption() as preemption:
-    for step in range(start, config.num_steps):
-      batch = next(data_iter)
-      batch = parallel.shard_batch(mesh, {"view1": batch["view1"], "view2": batch["view2"]})
-      state, metrics = p_step(state, batch)
-      done = step + 1
-      is_log = step % config.log_every == 0 or done == config.num_steps
-      if is_log:
-        m = to_host(metrics)
-        check_finite(m, done, config, ckpt)
-        now = time.perf_counter()
-        m["images_per_sec"] = 2 * config.batch_size * (done - step_last) / max(now - t_last, 1e-9)
-        m["learning_rate"] = schedule(step)
-        t_last, step_last = now, done
-        writer.write_scalars(done, m)
-        progress.set_postfix(loss=f"{m['loss']:.4g}", img_s=f"{m['images_per_sec']:.0f}")
-      progress.update(1)
-      if preemption.reached(done):
-        check_finite(to_host(metrics), done, config, ckpt)
-        ckpt.save(done, state, data_iter, force=True)
-        ckpt.close()
-        writer.close()
-        logging.warning("SIGTERM: saved step %d to %s; rerun the same command to resume",
-                        done, workdir)
-        raise Preempted(done)
-      if config.eval_every and done % config.eval_every == 0 and done != config.num_steps:
-        knn = evaluate.evaluate_run(
-            config, model, {"params": state.params, "batch_stats": state.batch_stats}, mesh,
-            knn_only=True)["trained"]["encoder"]["knn_accuracy"]
-        writer.write_scalars(done, {"eval/trained/encoder/knn_accuracy": knn})
-        progress.write(f"step {done}: kNN accuracy {knn:.4f}")
-      if done % config.checkpoint_every == 0 and done != config.num_steps:
-        check_finite(to_host(metrics), done, config, ckpt)
-        ckpt.save(done, state, data_iter)
-  progress.close()
-  if config.num_steps > start:
-    check_finite(to_host(metrics), config.num_steps, config, ckpt)
-    ckpt.save(config.num_steps, state, data_iter, force=True)
-  ckpt.close()
+  def monitor_knn(done: int, state: TrainState, progress: Any) -> None:
+    if config.eval_every and done % config.eval_every == 0 and done != config.num_steps:
+      knn = evaluate.evaluate_run(
+          config, model, {"params": state.params, "batch_stats": state.batch_stats}, mesh,
+          knn_only=True)["trained"]["encoder"]["knn_accuracy"]
+      writer.write_scalars(done, {"eval/trained/encoder/knn_accuracy": knn})
+      progress.write(f"step {done}: kNN accuracy {knn:.4f}")
+
+  views = ({"view1": b["view1"], "view2": b["view2"]} for b in data_iter)
+  state = run_loop(config, state, step_fn=p_step, batches=views, data_state=data_iter, mesh=mesh,
+                   ckpt=ckpt, writer=writer, workdir=workdir, start=start,
+                   items_per_step=2 * config.batch_size, rate_name="images_per_sec",
+                   shown=("images_per_sec",), after_step=monitor_knn)
 
   if not config.eval.get("at_end", True):
     writer.close()
@@ -358,6 +330,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
   return report
+
+
+def run_loop(config: ml_collections.ConfigDict, state: Any, *, step_fn: Callable[..., Any],
+             batches: Iterator[Any], data_state: Any, mesh: jax.sharding.Mesh,
+             ckpt: checkpointing.Checkpointer, writer: metrics_lib.MetricWriter, workdir: str,
+             start: int, items_per_step: int, rate_name: str, shown: tuple[str, ...] = (),
+             after_step: Callable[[int, Any, Any], None] | None = None) -> Any:
+  """Steps `start + 1 .. config.num_steps` of any trainer here; returns the last state, saved.
+
+  Every `config.log_every` steps the metrics go to `writer` (with `rate_name`: items per second
+  from `items_per_step`, and the learning rate) after the non-finite check; every
+  `config.checkpoint_every` steps and at the end the state and `data_state` (the sampler or data
+  iterator, an orbax item) are saved. SIGTERM saves the step and raises `Preempted`.
+
+  Args:
+    step_fn: `(state, sharded batch) -> (state, metrics)`, e.g. from `make_parallel_step`.
+    batches: host batches of this process's rows (`parallel.shard_batch` places them).
+    shown: metric names shown beside the loss on the progress bar.
+    after_step: `f(step, state, progress_bar)` after each step (e.g. a kNN monitor).
+  """
+  schedule = optim.learning_rate_schedule(config)
+  progress = progress_bar(start, config.num_steps)
+  t_last, step_last, metrics = time.perf_counter(), start, None
+  with Preemption() as preemption:
+    for step in range(start, config.num_steps):
+      state, metrics = step_fn(state, parallel.shard_batch(mesh, next(batches)))
+      done = step + 1
+      if step % config.log_every == 0 or done == config.num_steps:
+        m = to_host(metrics)
+        check_finite(m, done, config, ckpt)
+        now = time.perf_counter()
+        m[rate_name] = items_per_step * (done - step_last) / max(now - t_last, 1e-9)
+        m["learning_rate"] = schedule(step)
+        t_last, step_last = now, done
+        writer.write_scalars(done, m)
+        progress.set_postfix({k: f"{m[k]:.4g}" for k in ("loss",) + tuple(shown)})
+      progress.update(1)
+      if preemption.reached(done):
+        check_finite(to_host(metrics), done, config, ckpt)
+        ckpt.save(done, state, data_state, force=True)
+        ckpt.close()
+        writer.close()
+        logging.warning("SIGTERM: saved step %d to %s; rerun the same command to resume",
+                        done, workdir)
+        raise Preempted(done)
+      if after_step is not None:
+        after_step(done, state, progress)
+      if done % config.checkpoint_every == 0 and done != config.num_steps:
+        check_finite(to_host(metrics), done, config, ckpt)
+        ckpt.save(done, state, data_state)
+  progress.close()
+  if config.num_steps > start:
+    check_finite(to_host(metrics), config.num_steps, config, ckpt)
+    ckpt.save(config.num_steps, state, data_state, force=True)
+  ckpt.close()
+  return state
 
 
 def check_finite(m: dict[str, Any], step: int, config: ml_collections.ConfigDict,

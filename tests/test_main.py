@@ -79,10 +79,11 @@ def test_cli_rejects_unknown_key_and_bad_value_and_variant(tmp_path):
 
 
 def test_cli_smoke_run_with_default_workdir(tmp_path):
-  config_path = os.path.join(ROOT, "configs", "barlow.py")
+  # VICReg: its smoke programs are in the run's compilation cache from the other smoke runs.
+  config_path = os.path.join(ROOT, "configs", "vicreg.py")
   r = _main(f"--config={config_path}:smoke", cwd=tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert "using workdirs/barlow_smoke" in r.stdout
-  with open(tmp_path / "workdirs" / "barlow_smoke" / "eval.json") as f:
+  assert "using workdirs/vicreg_smoke" in r.stdout
+  with open(tmp_path / "workdirs" / "vicreg_smoke" / "eval.json") as f:
     report = json.load(f)
   assert set(report) >= {"trained", "random_init", "raw_pixels"}

@@ -13,7 +13,7 @@ import pytest
 
 from configs import barlow, simclr, vicreg
 from embedspace import metrics as metrics_lib
-from embedspace import optim, parallel, train
+from embedspace import losses, optim, parallel, train
 
 CONFIGS = {"vicreg": vicreg, "simclr": simclr, "barlow": barlow}
 
@@ -185,3 +185,26 @@ def test_smoke_run_end_to_end_and_resume_after_preemption(tmp_path, monkeypatch)
   step_res, params_res = _final_params(resumed)
   assert step_full == step_res == config.num_steps
   jax.tree.map(np.testing.assert_array_equal, params_res, params_full)
+
+
+@pytest.mark.parametrize("method", ["vicreg", "simclr", "barlow"])
+def test_ssl_loss_is_the_configured_loss_with_its_hyperparameters(method):
+  # The trainer's dispatch (the one place a config picks a loss), against the loss called
+  # directly with the config's values; the full step runs in the 8-vs-1 and end-to-end tests.
+  config = {"vicreg": vicreg, "simclr": simclr, "barlow": barlow}[method].get_config("smoke")
+  z1, z2 = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 32))
+  loss, _ = train.ssl_loss(config, z1, z2, axis_name=None)
+  lc = config.loss
+  expected = {
+      "vicreg": lambda: losses.vicreg_loss(
+          z1, z2, invariance_weight=lc.invariance_weight, variance_weight=lc.variance_weight,
+          covariance_weight=lc.covariance_weight)[0],
+      "simclr": lambda: losses.info_nce(z1, z2, temperature=lc.temperature,
+                                        similarity=lc.similarity),
+      "barlow": lambda: losses.barlow_twins_loss(
+          z1, z2, off_diagonal_weight=lc.off_diagonal_weight)[0],
+  }[method]()
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)
+  with pytest.raises(ValueError, match="config.method"):
+    config.method = "byol"
+    train.ssl_loss(config, z1, z2, axis_name=None)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Any
 
 import jax
@@ -338,41 +337,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("resumed from step %d in %s", start, workdir)
   p_step = make_parallel_step(mesh, model=model, tx=tx, config=config)
   writer = metrics_lib.MetricWriter(workdir)
-  schedule = optim.learning_rate_schedule(config)
 
-  progress = ssl_train.progress_bar(start, config.num_steps)
-  t_last, step_last = time.perf_counter(), start
-  metrics = None
-  with ssl_train.Preemption() as preemption:
-    for step in range(start, config.num_steps):
-      state, metrics = p_step(state, parallel.shard_batch(mesh, next(sampler)))
-      done = step + 1
-      if step % config.log_every == 0 or done == config.num_steps:
-        m = ssl_train.to_host(metrics)
-        ssl_train.check_finite(m, done, config, ckpt)
-        now = time.perf_counter()
-        m["prompts_per_sec"] = config.batch_size * (done - step_last) / max(now - t_last, 1e-9)
-        m["learning_rate"] = schedule(step)
-        t_last, step_last = now, done
-        writer.write_scalars(done, m)
-        progress.set_postfix(loss=f"{m['loss']:.4g}", acc=f"{m['answer_token_accuracy']:.3f}")
-      progress.update(1)
-      if preemption.reached(done):
-        ssl_train.check_finite(ssl_train.to_host(metrics), done, config, ckpt)
-        ckpt.save(done, state, sampler, force=True)
-        ckpt.close()
-        writer.close()
-        logging.warning("SIGTERM: saved step %d to %s; rerun the same command to resume",
-                        done, workdir)
-        raise ssl_train.Preempted(done)
-      if done % config.checkpoint_every == 0 and done != config.num_steps:
-        ssl_train.check_finite(ssl_train.to_host(metrics), done, config, ckpt)
-        ckpt.save(done, state, sampler)
-  progress.close()
-  if config.num_steps > start:
-    ssl_train.check_finite(ssl_train.to_host(metrics), config.num_steps, config, ckpt)
-    ckpt.save(config.num_steps, state, sampler, force=True)
-  ckpt.close()
+  state = ssl_train.run_loop(
+      config, state, step_fn=p_step, batches=sampler, data_state=sampler, mesh=mesh,
+      ckpt=ckpt, writer=writer, workdir=workdir, start=start, items_per_step=config.batch_size,
+      rate_name="prompts_per_sec", shown=("answer_token_accuracy",))
 
   report = evaluate(config, model, jax.device_get(state.params), vectors["eval"])
   writer.write_scalars(config.num_steps, {f"eval/{k}": v for k, v in ssl_train.flatten_scalars(
