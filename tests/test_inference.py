@@ -240,7 +240,8 @@ def test_bad_images_and_workdirs_are_one_clear_error(smoke_model, smoke_workdir,
 
 
 def _cli(module, *args):
-  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=("--xla_force_host_platform_device_count=2"
+                        " --xla_backend_optimization_level=0"))
   return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                         env=env, cwd=ROOT, timeout=300)
 

@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _main(*args, cwd=ROOT, timeout=300):
-  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=("--xla_force_host_platform_device_count=2"
+                        " --xla_backend_optimization_level=0"))
   return subprocess.run([sys.executable, "-m", "embedspace.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

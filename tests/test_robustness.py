@@ -46,7 +46,8 @@ TMP = ".orbax-checkpoint-tmp"
 
 def _env(cache_dir: str) -> dict[str, str]:
   return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-              XLA_FLAGS="--xla_force_host_platform_device_count=2",
+              XLA_FLAGS=("--xla_force_host_platform_device_count=2"
+                        " --xla_backend_optimization_level=0"),
               # Shared compiled programs: later starts skip most of the compile time.
               JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
