@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 
 import numpy as np
+
+from embedspace.multimodal import data as mm_data
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
                 "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
@@ -163,7 +164,7 @@ def gather(vectors: np.ndarray, index: np.ndarray) -> np.ndarray:
   return out
 
 
-class PromptBatches:
+class PromptBatches(mm_data.StepSampler):
   """Endless training batches of prompts; `get_state`/`set_state` make it an orbax item.
 
   Row `i` of the global batch of step `s` asks task `TRAIN_TASKS[i % 4]` (equal shares) about
@@ -210,26 +211,6 @@ class PromptBatches:
                     ex.answer[self.rows])
     return encode(mine, image_vectors=self.image_vectors, audio_vectors=self.audio_vectors,
                   tokens_per_item=self.tokens_per_item, length=self.length)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    out = self.batch(self.step)
-    self.step += 1
-    return out
-
-  def get_state(self) -> bytes:
-    return json.dumps({"step": self.step, "seed": self.seed}).encode()
-
-  def set_state(self, state: bytes) -> None:
-    saved = json.loads(state.decode())
-    if saved["seed"] != self.seed:
-      raise ValueError(f"checkpointed sampler has seed {saved['seed']}, this run {self.seed}")
-    self.step = int(saved["step"])
-
-  def start_prefetch(self) -> None:
-    """Nothing to prefetch (grain's checkpoint handler calls this after a restore)."""
 
 
 def eval_examples(task: str, n: int, *, image_label: np.ndarray, audio_label: np.ndarray,

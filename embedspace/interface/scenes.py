@@ -14,10 +14,11 @@ encoders, of a caption or a spoken clip of one of its digits (the "target" item)
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 
 import numpy as np
+
+from embedspace.multimodal import data as mm_data
 
 DIGIT_SIZE = 28
 GRID = 2
@@ -140,7 +141,7 @@ def normalize(canvas: np.ndarray, mean: float, std: float) -> np.ndarray:
   return ((canvas.astype(np.float32) / 255 - mean) / std).astype(np.float32)
 
 
-class SceneBatches:
+class SceneBatches(mm_data.StepSampler):
   """Endless training scenes with one prompted item each; resumable like a grain iterator.
 
   Row `r` of the global batch of step `s` is train scene `s * B + r` (`make_scenes`), its target
@@ -191,23 +192,3 @@ class SceneBatches:
             "masks": downsample_masks(sc.masks, self.mask_size),
             "boxes": sc.boxes / side, "labels": sc.labels, "valid": sc.valid.astype(np.float32),
             "target": np.asarray(target, np.int32), "prompt": np.stack(prompt)}
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    out = self.batch(self.step)
-    self.step += 1
-    return out
-
-  def get_state(self) -> bytes:
-    return json.dumps({"step": self.step, "seed": self.seed}).encode()
-
-  def set_state(self, state: bytes) -> None:
-    saved = json.loads(state.decode())
-    if saved["seed"] != self.seed:
-      raise ValueError(f"checkpointed scene sampler has seed {saved['seed']}, this run {self.seed}")
-    self.step = int(saved["step"])
-
-  def start_prefetch(self) -> None:
-    """Nothing to prefetch (grain's checkpoint handler calls this after a restore)."""

@@ -266,7 +266,41 @@ def batch_keys(pairs: tuple[tuple[str, str], ...], *, views: int) -> list[tuple[
   return keys
 
 
-class PairedBatches:
+class StepSampler:
+  """Batches that are a function of (seed, step): iterate them, checkpoint only the step.
+
+  Subclasses set `self.seed` and `self.step` and define `batch(step)`. `get_state`/`set_state`
+  make the sampler an orbax/grain checkpoint item (the `Checkpointer` saves it beside the train
+  state); restoring a sampler of another seed is refused.
+  """
+  seed: int
+  step: int
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    raise NotImplementedError
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    out = self.batch(self.step)
+    self.step += 1
+    return out
+
+  def get_state(self) -> bytes:
+    return json.dumps({"step": self.step, "seed": self.seed}).encode()
+
+  def set_state(self, state: bytes) -> None:
+    saved = json.loads(state.decode())
+    if saved["seed"] != self.seed:
+      raise ValueError(f"checkpointed sampler has seed {saved['seed']}, this run {self.seed}")
+    self.step = int(saved["step"])
+
+  def start_prefetch(self) -> None:
+    """Nothing to prefetch (grain's checkpoint handler calls this after a restore)."""
+
+
+class PairedBatches(StepSampler):
   """Endless class-paired batches; `get_state`/`set_state` make it an orbax/grain checkpoint item.
 
   Batch at step s: for each pair (a, b), the global batch's `i`-th row draws an `a` item
@@ -332,26 +366,6 @@ class PairedBatches:
       return [audio_lib.augment(self.split.audio[item], rng, **self.audio_kwargs)
               for _ in range(self.views)]
     return [self.split.text[item]] * self.views
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    out = self.batch(self.step)
-    self.step += 1
-    return out
-
-  def get_state(self) -> bytes:
-    return json.dumps({"step": self.step, "seed": self.seed}).encode()
-
-  def set_state(self, state: bytes) -> None:
-    saved = json.loads(state.decode())
-    if saved["seed"] != self.seed:
-      raise ValueError(f"checkpointed sampler has seed {saved['seed']}, this run {self.seed}")
-    self.step = int(saved["step"])
-
-  def start_prefetch(self) -> None:
-    """Nothing to prefetch (grain's checkpoint handler calls this after a restore)."""
 
 
 def main(argv: list[str]) -> None:
