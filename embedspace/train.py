@@ -258,11 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   validate_config(config)
   mesh = parallel.make_mesh()
-  n_dev, n_proc = mesh.devices.size, jax.process_count()
-  if config.batch_size % n_dev or config.batch_size % n_proc:
-    raise ConfigError(
-        f"config.batch_size={config.batch_size} is not divisible by the {n_dev} devices; pass "
-        f"--config.batch_size={max(n_dev, config.batch_size // n_dev * n_dev)}")
+  check_batch_divisible(config, mesh)
   check_data(config)
   workdir = os.path.abspath(workdir)
   check_workdir_config(config, workdir)
@@ -273,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   loader = data_lib.ssl_loader(
       source, global_batch_size=config.batch_size, seed=config.seed,
       image_size=config.data.image_size, augment=config.data.augment.to_dict(),
-      process_index=jax.process_index(), process_count=n_proc,
+      process_index=jax.process_index(), process_count=jax.process_count(),
       worker_count=config.data.worker_count)
   data_iter = iter(loader)
   image_shape = (config.data.image_size, config.data.image_size, info.image_shape[-1])
@@ -285,17 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   init_variables = jax.device_get({"params": init_state.params,
                                    "batch_stats": init_state.batch_stats})
   state = parallel.replicate(mesh, init_state)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    every=config.checkpoint_every, keep=config.keep_checkpoints)
-  restored = ckpt.restore_latest(checkpointing.abstract_like(state), data_iter)
-  if restored is not None:
-    state, start = restored
-    logging.info("resumed from step %d in %s", start, workdir)
-  else:
-    start = 0
-    if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-      logging.warning("%s holds metrics of an earlier start but no checkpoint: training starts "
-                      "from step 0", workdir)
+  ckpt, state, start = restore_or_start(config, workdir, state, data_iter)
   p_step = make_parallel_step(mesh, model=model, tx=tx, config=config)
   writer = metrics_lib.MetricWriter(workdir)
 
@@ -330,6 +316,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
       json.dump(report, f, indent=2)
   return report
+
+
+def check_batch_divisible(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Raises ConfigError unless `config.batch_size` splits evenly over devices and processes."""
+  n_dev, n_proc = mesh.devices.size, jax.process_count()
+  if config.batch_size % n_dev or config.batch_size % n_proc:
+    raise ConfigError(
+        f"config.batch_size={config.batch_size} is not divisible by the {n_dev} devices; pass "
+        f"--config.batch_size={max(n_dev, config.batch_size // n_dev * n_dev)}")
+
+
+def restore_or_start(config: ml_collections.ConfigDict, workdir: str, state: Any,
+                     data_state: Any) -> tuple[checkpointing.Checkpointer, Any, int]:
+  """The run's checkpointer, and the newest intact checkpoint's `(state, step)` or `(state, 0)`.
+
+  `data_state` (the sampler or data iterator) is restored in place with the state.
+  """
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    every=config.checkpoint_every, keep=config.keep_checkpoints)
+  restored = ckpt.restore_latest(checkpointing.abstract_like(state), data_state)
+  if restored is not None:
+    state, start = restored
+    logging.info("resumed from step %d in %s", start, workdir)
+    return ckpt, state, start
+  if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    logging.warning("%s holds metrics of an earlier start but no checkpoint: training starts "
+                    "from step 0", workdir)
+  return ckpt, state, 0
 
 
 def run_loop(config: ml_collections.ConfigDict, state: Any, *, step_fn: Callable[..., Any],

@@ -185,9 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   validate(config)
   mesh = parallel.make_mesh()
-  if config.batch_size % mesh.devices.size or config.batch_size % jax.process_count():
-    raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by the "
-                      f"{mesh.devices.size} devices")
+  ssl_train.check_batch_divisible(config, mesh)
   t0 = time.perf_counter()
   env = setup(config)
   logging.info("frozen encoders and prompt banks ready in %.1f s", time.perf_counter() - t0)
@@ -197,13 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model, sampler = env["model"], env["sampler"]
   tx = optim.make_optimizer(config)
   state = parallel.replicate(mesh, create_train_state(config, model, tx, env["frozen"]))
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    every=config.checkpoint_every, keep=config.keep_checkpoints)
-  restored = ckpt.restore_latest(checkpointing.abstract_like(state), sampler)
-  start = 0
-  if restored is not None:
-    state, start = restored
-    logging.info("resumed from step %d in %s", start, workdir)
+  ckpt, state, start = ssl_train.restore_or_start(config, workdir, state, sampler)
   p_step = make_parallel_step(mesh, model=model, tx=tx, config=config)
   writer = metrics_lib.MetricWriter(workdir)
   state = ssl_train.run_loop(

@@ -311,11 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   validate(config)
   mesh = parallel.make_mesh()
-  n_dev, n_proc = mesh.devices.size, jax.process_count()
-  if config.batch_size % n_dev or config.batch_size % n_proc:
-    raise ConfigError(
-        f"config.batch_size={config.batch_size} is not divisible by the {n_dev} devices; pass "
-        f"--config.batch_size={max(n_dev, config.batch_size // n_dev * n_dev)}")
+  ssl_train.check_batch_divisible(config, mesh)
   workdir = os.path.abspath(workdir)
   check_same_model(config, workdir)
   vectors = frozen_vectors(config)  # Before the workdir is written: a bad encoder run fails first.
@@ -328,13 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = parallel.replicate(mesh, create_train_state(
       config, model, tx, image_dim=vectors["train"]["image"].shape[1],
       audio_dim=vectors["train"]["audio"].shape[1]))
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    every=config.checkpoint_every, keep=config.keep_checkpoints)
-  restored = ckpt.restore_latest(checkpointing.abstract_like(state), sampler)
-  start = 0
-  if restored is not None:
-    state, start = restored
-    logging.info("resumed from step %d in %s", start, workdir)
+  ckpt, state, start = ssl_train.restore_or_start(config, workdir, state, sampler)
   p_step = make_parallel_step(mesh, model=model, tx=tx, config=config)
   writer = metrics_lib.MetricWriter(workdir)
 

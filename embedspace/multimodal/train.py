@@ -26,7 +26,6 @@ import ml_collections
 import optax
 from absl import logging
 
-from embedspace import checkpointing
 from embedspace import inference
 from embedspace import losses
 from embedspace import metrics as metrics_lib
@@ -252,11 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   validate(config)
   mesh = parallel.make_mesh()
-  n_dev, n_proc = mesh.devices.size, jax.process_count()
-  if config.batch_size % n_dev or config.batch_size % n_proc:
-    raise ConfigError(
-        f"config.batch_size={config.batch_size} is not divisible by the {n_dev} devices; pass "
-        f"--config.batch_size={max(n_dev, config.batch_size // n_dev * n_dev)}")
+  ssl_train.check_batch_divisible(config, mesh)
   workdir = os.path.abspath(workdir)
   check_workdir_config(config, workdir)
   logging.info("%s", parallel.describe(mesh))
@@ -268,13 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = build_model(config)
   tx = optim.make_optimizer(config)
   state = parallel.replicate(mesh, create_train_state(config, model, tx))
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    every=config.checkpoint_every, keep=config.keep_checkpoints)
-  restored = ckpt.restore_latest(checkpointing.abstract_like(state), sampler)
-  start = 0
-  if restored is not None:
-    state, start = restored
-    logging.info("resumed from step %d in %s", start, workdir)
+  ckpt, state, start = ssl_train.restore_or_start(config, workdir, state, sampler)
   p_step = make_parallel_step(mesh, model=model, tx=tx, config=config)
   writer = metrics_lib.MetricWriter(workdir)
   pairs_per_step = config.batch_size * len(pairs_of(config)) * num_views(config)
