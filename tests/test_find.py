@@ -107,8 +107,44 @@ def test_config_errors_name_the_key_and_the_missing_encoders_command(tmp_path):
   config.model.mask_size = 9
   with pytest.raises(ConfigError, match="mask_size"):
     find_train.validate(config)
+  config = find_config.get_config("smoke")
+  config.model.width = 18
+  with pytest.raises(ConfigError, match="model.width.*divisible by 4"):
+    find_train.validate(config)
   with pytest.raises(ValueError, match="unknown config variant"):
     find_config.get_config("smokey")
+
+
+def test_position_features_match_numpy_and_tell_every_pixel_apart():
+  h, w, d = 6, 10, 16
+  got = np.asarray(find.sincos_2d(h, w, d))
+  rows = []
+  for y in range(h):
+    for x in range(w):
+      fy = 2 * np.pi * (y / h) * np.geomspace(0.5, max(h / 4, 1), d // 4)
+      fx = 2 * np.pi * (x / w) * np.geomspace(0.5, max(w / 4, 1), d // 4)
+      rows.append(np.concatenate([np.sin(fy), np.cos(fy), np.sin(fx), np.cos(fx)]))
+  np.testing.assert_allclose(got.reshape(h * w, d), np.stack(rows), atol=1e-5)
+  flat = got.reshape(h * w, d)
+  dist = np.linalg.norm(flat[:, None] - flat[None], axis=-1) + np.eye(h * w)
+  assert dist.min() > 0.1  # distinct pixels, distinct features
+  with pytest.raises(ValueError, match="divisible by 4"):
+    find.sincos_2d(4, 4, 6)
+
+
+def test_select_query_picks_the_closest_live_query():
+  rng = np.random.default_rng(3)
+  embed = rng.normal(size=(50, 4, 8)).astype(np.float32)
+  embed /= np.linalg.norm(embed, axis=-1, keepdims=True)
+  objectness = rng.normal(size=(50, 4)).astype(np.float32)
+  objectness[:5] = -1.0  # no live query: every query competes
+  prompt = rng.normal(size=(50, 8)).astype(np.float32) * 3
+  got = np.asarray(find.select_query({"query_embed": jnp.asarray(embed),
+                                      "objectness": jnp.asarray(objectness)}, jnp.asarray(prompt)))
+  for b in range(50):
+    sims = embed[b] @ (prompt[b] / np.linalg.norm(prompt[b]))
+    live = objectness[b] > 0 if (objectness[b] > 0).any() else np.ones(4, bool)
+    assert got[b] == np.flatnonzero(live)[np.argmax(sims[live])]
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +239,8 @@ def test_smoke_run_trains_resumes_and_reports_on_eval_scenes_only(smoke_env, eig
     assert os.path.exists(os.path.join(workdir, path)), path
   with open(os.path.join(workdir, "eval.json"), encoding="utf-8") as f:
     assert json.load(f) == json.loads(json.dumps(report))
-  for method in ("interface", "baseline_windows", "baseline_oracle_crops"):
+  for method in ("interface", "interface_query_match", "baseline_windows",
+                 "baseline_oracle_crops"):
     for modality in ("text", "audio"):
       row = report[method][modality]
       assert 0 <= row["grounding"]["accuracy@iou0.5"] <= 1 and 0 <= row["retrieval"]["map"] <= 1

@@ -109,8 +109,9 @@ class FindInterface(nn.Module):
       raise ValueError(f"prompt must be [batch, {self.embed_dim}], got {prompt.shape}")
     pix = sum(jax.image.resize(nn.Dense(w, name=f"pixel_proj{i}")(s), (b, m, m, w), "linear")
               for i, s in enumerate(stages))
-    pix = pix + self.param("pixel_position", nn.initializers.normal(0.02), (m, m, w))
-    pix = nn.Dense(w, name="pixel_out")(nn.gelu(nn.LayerNorm(name="pixel_ln")(pix)))
+    pix = nn.LayerNorm(name="pixel_ln")(pix)
+    pix = jnp.concatenate([pix, jnp.broadcast_to(sincos_2d(m, m, w), pix.shape)], axis=-1)
+    pix = nn.Dense(w, name="pixel_out")(nn.gelu(nn.Dense(w, name="pixel_mix")(pix)))
 
     last = stages[-1]
     if last.shape[1] > self.memory_size:
@@ -119,10 +120,10 @@ class FindInterface(nn.Module):
         raise ValueError(f"memory_size={self.memory_size} must divide the last feature map's "
                          f"side {last.shape[1]}")
       last = nn.avg_pool(last, (f, f), (f, f))
-    hw = last.shape[1] * last.shape[2]
-    mem = nn.Dense(w, name="memory_proj")(last).reshape(b, hw, w)
-    mem = nn.LayerNorm(name="memory_ln")(
-        mem + self.param("memory_position", nn.initializers.normal(0.02), (hw, w)))
+    h_, w_ = last.shape[1], last.shape[2]
+    mem = nn.LayerNorm(name="memory_ln")(nn.Dense(w, name="memory_proj")(last))
+    mem = jnp.concatenate([mem, jnp.broadcast_to(sincos_2d(h_, w_, w), mem.shape)], axis=-1)
+    mem = nn.Dense(w, name="memory_mix")(mem).reshape(b, h_ * w_, w)
 
     queries = jnp.broadcast_to(self.param("queries", nn.initializers.normal(1.0), (q, w)),
                                (b, q, w))
@@ -153,11 +154,38 @@ class FindInterface(nn.Module):
         x[:, :q])[..., 0], "query_embed": query_embed, "prompt_mask": masks[:, q], "box": box}
 
 
+def sincos_2d(height: int, width: int, dim: int) -> jax.Array:
+  """Fixed 2-D sine-cosine position features `[height, width, dim]` (DETR's, Carion et al. 2020).
+
+  A quarter of the channels each are sin(2 pi f y), cos(2 pi f y), sin(2 pi f x), cos(2 pi f x)
+  for `dim / 4` frequencies f log-spaced from half a cycle to side / 4 cycles per map, with x, y in
+  [0, 1): the coarse ones tell the quadrant, the fine ones the pixel.
+  """
+  if dim % 4:
+    raise ValueError(f"sincos_2d needs dim divisible by 4, got {dim}")
+  def axis(side):
+    freqs = jnp.geomspace(0.5, max(side / 4, 1.0), dim // 4)
+    return 2 * jnp.pi * (jnp.arange(side, dtype=jnp.float32) / side)[:, None] * freqs
+  y, x = axis(height)[:, None, :], axis(width)[None, :, :]
+  y, x = jnp.broadcast_to(y, (height, width, dim // 4)), jnp.broadcast_to(x, (height, width, dim // 4))
+  return jnp.concatenate([jnp.sin(y), jnp.cos(y), jnp.sin(x), jnp.cos(x)], axis=-1)
+
+
 def forward(model: FindModel, params: Any, frozen: Any, canvas: jax.Array,
             prompt: jax.Array) -> dict[str, jax.Array]:
   """The interface's outputs for normalised canvases `[B, S, S, 1]` and prompts `[B, D]`."""
   stages = spatial_features(model.encoder, frozen["encoder"], canvas)
   return model.interface.apply({"params": params}, stages, prompt)
+
+
+def select_query(out: dict[str, jax.Array], prompt: jax.Array) -> jax.Array:
+  """FIND's grounding by matching: the query `[B]` whose prompt-space embedding is closest (cosine)
+  to the prompt `[B, D]`, among the queries that claim an object (all of them if none does)."""
+  sims = jnp.einsum("bqd,bd->bq", out["query_embed"],
+                    prompt / jnp.maximum(jnp.linalg.norm(prompt, axis=-1, keepdims=True), 1e-6))
+  live = out["objectness"] > 0
+  live = jnp.where(jnp.any(live, axis=1, keepdims=True), live, True)
+  return jnp.argmax(jnp.where(live, sims, -jnp.inf), axis=1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -136,7 +136,8 @@ def evaluate_run(config: ml_collections.ConfigDict, env: dict[str, Any], params:
                                      )["e"]).reshape(*sc.valid.shape, -1)
 
   report: dict[str, Any] = {"num_scenes": ev.num_scenes, "num_items": int(sc.valid.sum()),
-                            "interface": {}, "baseline_windows": {},
+                            "interface": {}, "interface_query_match": {},
+                            "baseline_windows": {},
                             "baseline_oracle_crops": {}}
   examples = {}
   for mi, modality in enumerate(config.prompts):
@@ -156,6 +157,14 @@ def evaluate_run(config: ml_collections.ConfigDict, env: dict[str, Any], params:
         "accuracy@iou0.5 (box of the mask)": float(np.mean(
             scenes_lib.box_iou(mask_box, true_box) >= 0.5)),
         "mask_iou": float(np.mean(scenes_lib.mask_iou(mask, true_mask)))}}
+    # The same outputs, grounded by matching: the query closest to the prompt, its mask's box.
+    chosen = np.asarray(find.select_query(out, jnp.asarray(prompt)))
+    qmask = _upsample(out["query_masks"][np.arange(len(chosen)), chosen] > 0, s)
+    qbox = np.stack([scenes_lib.mask_box(m) for m in qmask])
+    report["interface_query_match"][modality] = {"grounding": {
+        "accuracy@iou0.5": float(np.mean(scenes_lib.box_iou(qbox, true_box) >= 0.5)),
+        "mean_box_iou": float(np.mean(scenes_lib.box_iou(qbox, true_box))),
+        "mask_iou": float(np.mean(scenes_lib.mask_iou(qmask, true_mask)))}}
     # Baselines: the best window / the best true crop for each prompt.
     best = np.argmax(np.einsum("pwd,pd->pw", win[scene_of], mm_evaluate.unit(prompt)), axis=1)
     wmask = np.zeros_like(true_mask)
@@ -173,7 +182,7 @@ def evaluate_run(config: ml_collections.ConfigDict, env: dict[str, Any], params:
           "accuracy@iou0.5": float(np.mean(scenes_lib.box_iou(b, true_box) >= 0.5)),
           "mean_box_iou": float(np.mean(scenes_lib.box_iou(b, true_box))),
           "mask_iou": float(np.mean(scenes_lib.mask_iou(m, true_mask)))}}
-    examples[modality] = (pick, box, wbox)
+    examples[modality] = (pick, box, qbox, wbox)
 
     # Retrieval: every eval prompt of the modality against every scene.
     first = np.flatnonzero(np.r_[True, np.diff(scene_of) != 0])  # one row per scene
@@ -184,6 +193,8 @@ def evaluate_run(config: ml_collections.ConfigDict, env: dict[str, Any], params:
     relevant = (sc.labels[None] == bank_labels[:, None, None]).any(axis=-1)
     report["interface"][modality]["retrieval"] = retrieval_metrics(
         np.where(live[None], sims, -np.inf).max(-1), relevant)
+    report["interface_query_match"][modality]["retrieval"] = report["interface"][modality][
+        "retrieval"]  # the same scores: a scene's best live query
     report["baseline_windows"][modality]["retrieval"] = retrieval_metrics(
         np.einsum("nwd,pd->pnw", win, mm_evaluate.unit(bank)).max(-1), relevant)
     report["baseline_oracle_crops"][modality]["retrieval"] = retrieval_metrics(
@@ -216,7 +227,9 @@ def write_report(report: dict[str, Any], out_dir: str) -> None:
            "once per modality; retrieval ranks every scene for every eval prompt.", "",
            "| method | prompt | grounding acc@IoU0.5 | mean box IoU | mask IoU | R@1 | R@5 | mAP |",
            "|---|---|---|---|---|---|---|---|"]
-  names = {"interface": "FIND-style interface", "baseline_windows": "baseline: sliding windows",
+  names = {"interface": "FIND-style interface: prompt token's box",
+           "interface_query_match": "FIND-style interface: query matching the prompt",
+           "baseline_windows": "baseline: sliding windows",
            "baseline_oracle_crops": "baseline: oracle crops (true positions)"}
   for key, name in names.items():
     for modality, r in report[key].items():
@@ -241,8 +254,9 @@ def write_report(report: dict[str, Any], out_dir: str) -> None:
 def plot_examples(sc: scenes_lib.Scenes, examples: dict[str, Any], env: dict[str, Any],
                   scene_of: np.ndarray, slot_of: np.ndarray, path: str, *,
                   count: int = 6) -> None:
-  """A few prompted items: the scene, the prompt, the true (green), interface (red) and
-  sliding-window baseline (blue, dashed) boxes."""
+  """A few prompted items: the scene, the prompt, the true (green), the interface's by query
+  matching (red) and by the prompt token (orange, dotted), and the sliding-window baseline's
+  (blue, dashed) boxes."""
   plt = report_lib._pyplot()
   split = env["splits"]["eval"]
   rows = list(examples.items())
@@ -250,7 +264,7 @@ def plot_examples(sc: scenes_lib.Scenes, examples: dict[str, Any], env: dict[str
   fig, axes = plt.subplots(len(rows), count, figsize=(2.4 * count, 2.7 * len(rows)),
                            squeeze=False)
   picks = np.linspace(0, len(scene_of) - 1, count).astype(int)
-  for (modality, (pick, box, wbox)), ax_row in zip(rows, axes):
+  for (modality, (pick, box, qbox, wbox)), ax_row in zip(rows, axes):
     for j, ax in zip(picks, ax_row):
       n, k = scene_of[j], slot_of[j]
       ax.imshow(sc.canvas[n, ..., 0], cmap="gray")
@@ -259,13 +273,14 @@ def plot_examples(sc: scenes_lib.Scenes, examples: dict[str, Any], env: dict[str
       else:
         title = (f"audio: {mm_data.SPEAKERS[split.audio_speaker[pick[j]]]} says "
                  f"{split.audio_label[pick[j]]}")
-      for b, color, style in ((sc.boxes[n, k], "lime", "-"), (box[j], "red", "-"),
-                              (wbox[j], "deepskyblue", "--")):
+      for b, color, style in ((sc.boxes[n, k], "lime", "-"), (qbox[j], "red", "-"),
+                              (box[j], "orange", ":"), (wbox[j], "deepskyblue", "--")):
         ax.add_patch(plt.Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1],
                                    fill=False, color=color, linestyle=style, linewidth=1.5))
       ax.set_title(title, fontsize=7)
       ax.axis("off")
-  fig.suptitle("green: true box, red: interface, blue dashed: sliding-window baseline",
+  fig.suptitle("green: true box, red: interface (query matching the prompt), orange dotted: "
+               "interface (prompt token), blue dashed: sliding-window baseline",
                fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)

@@ -61,6 +61,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for part in key.split("."):
       value = value[part]
     require(isinstance(value, int) and value > 0, key, value, "must be a positive integer")
+  require(config.model.width % 4 == 0 and config.model.width % config.model.heads == 0,
+          "model.width", config.model.width,
+          f"must be divisible by 4 (position features) and model.heads={config.model.heads}")
   s = config.scenes
   require(s.canvas_size >= 56, "scenes.canvas_size", s.canvas_size, "must be >= 56")
   require(1 <= s.min_items <= s.max_items <= 4, "scenes.max_items", s.max_items,
