@@ -249,6 +249,16 @@ def restore_newest(workdir: str) -> tuple[Any, dict[str, Any], int]:
       f"no checkpoint under {ckpt_dir} could be restored ({'; '.join(failures)}).")
 
 
+def check_params_fit(workdir: str, expected: Any, params: Any) -> None:
+  """Raises IncompatibleWorkdirError unless `params` has the tree and shapes of `expected` (the
+  parameters, or their `jax.eval_shape`, of the model the workdir's config builds)."""
+  shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)  # noqa: E731
+  if shapes(expected) != shapes(params):
+    raise IncompatibleWorkdirError(
+        f"the parameters in {workdir} do not fit the model its config.json builds with this "
+        "version of embedspace (retrain, or use the version that trained it)")
+
+
 # ----------------------------------------------------------------------------------------------
 # The loaded model.
 

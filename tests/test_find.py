@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import find as find_config
-from embedspace import optim, parallel
+from embedspace import inference, optim, parallel
 from embedspace import train as ssl_train
 from embedspace.config_checks import ConfigError
 from embedspace.interface import find, find_eval, find_train, scenes
@@ -255,3 +255,9 @@ def test_smoke_run_trains_resumes_and_reports_on_eval_scenes_only(smoke_env, eig
   restored = ocp.StandardCheckpointer().restore(
       os.path.join(workdir, "checkpoints", str(config.num_steps), "state"))
   jax.tree.map(np.testing.assert_array_equal, restored["params"], state.params)
+  loaded_config, loaded_env, params, step = find_train.load_workdir(workdir)  # the user's loader
+  assert step == config.num_steps and loaded_config.model == config.model
+  assert loaded_env["model"] == env["model"]
+  jax.tree.map(np.testing.assert_array_equal, params, state.params)
+  with pytest.raises(inference.IncompatibleWorkdirError, match="not a FIND-style"):
+    find_train.load_workdir(config.encoders_workdir)

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import palme as palme_config
-from embedspace import optim, parallel
+from embedspace import inference, optim, parallel
 from embedspace import train as ssl_train
 from embedspace.config_checks import ConfigError
 from embedspace.interface import palme, palme_data, palme_train
@@ -246,6 +246,12 @@ def test_smoke_run_trains_resumes_and_reports(imagebind_smoke_workdir, vectors, 
   restored = ocp.StandardCheckpointer().restore(
       os.path.join(workdir, "checkpoints", str(config.num_steps), "state"))
   jax.tree.map(np.testing.assert_array_equal, restored["params"], state.params)
+  loaded_config, model, params, step = palme_train.load_workdir(workdir)  # the user's loader
+  assert step == config.num_steps and loaded_config.model == config.model
+  assert model == palme_train.build_model(config)
+  jax.tree.map(np.testing.assert_array_equal, params, state.params)
+  with pytest.raises(inference.IncompatibleWorkdirError, match="not a PaLM-E-style"):
+    palme_train.load_workdir(imagebind_smoke_workdir)
   config.model.tokens_per_item = 3  # checkpoints of another model are refused, not moved aside
   with pytest.raises(ConfigError, match="model.tokens_per_item=2"):
     palme_train.train_and_evaluate(config, workdir)

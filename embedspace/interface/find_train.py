@@ -175,6 +175,31 @@ def setup(config: ml_collections.ConfigDict) -> dict[str, Any]:
           "model": build_model(config, enc_config), "mean": float(mean[0]), "std": float(std[0])}
 
 
+def load_workdir(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any], Any, int]:
+  """`(config, env, params, step)` of a FIND-style run's newest intact checkpoint.
+
+  `env` is `setup(config)` (the frozen encoders of `config.encoders_workdir`, the splits and
+  prompt banks, `env["model"]`); `find.forward(env["model"], params, env["frozen"], canvas,
+  prompt)` gives the interface's outputs, and `find_eval.evaluate_run(config, env, params)`
+  measures it again.
+
+  Raises:
+    FileNotFoundError, checkpointing.NoIntactCheckpointError: see `inference.restore_newest`.
+    inference.IncompatibleWorkdirError: not a FIND-style run, or one this version cannot build.
+    ConfigError: its `encoders_workdir` is gone.
+  """
+  config, variables, step = inference.restore_newest(workdir)
+  if config.get("method") != "find":
+    raise inference.IncompatibleWorkdirError(
+        f"{workdir} is a {config.get('method', 'self-supervised')!r} run, not a FIND-style one "
+        "(train one with python -m embedspace.main --config=configs/find.py --workdir=DIR)")
+  env = setup(config)
+  expected = jax.eval_shape(lambda: create_train_state(
+      config, env["model"], optax.identity(), env["frozen"])).params
+  inference.check_params_fit(workdir, expected, variables["params"])
+  return config, env, variables["params"], step
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains the interface of `config` in `workdir` (resuming), then evaluates it and the baseline.
 

@@ -251,6 +251,31 @@ def evaluate(config: ml_collections.ConfigDict, model: palme.PalmE, params: Any,
   return report
 
 
+def load_workdir(workdir: str) -> tuple[ml_collections.ConfigDict, palme.PalmE, Any, int]:
+  """`(config, model, params, step)` of a PaLM-E-style run's newest intact checkpoint.
+
+  Answer prompts with `palme.generate(model, params, ...)` on the items' vectors from
+  `frozen_vectors(config)` (the run's `config.encoders_workdir`).
+
+  Raises:
+    FileNotFoundError, checkpointing.NoIntactCheckpointError: see `inference.restore_newest`.
+    inference.IncompatibleWorkdirError: not a PaLM-E-style run, or one this version cannot build.
+  """
+  config, variables, step = inference.restore_newest(workdir)
+  if config.get("method") != "palme":
+    raise inference.IncompatibleWorkdirError(
+        f"{workdir} is a {config.get('method', 'self-supervised')!r} run, not a PaLM-E-style one "
+        "(train one with python -m embedspace.main --config=configs/palme.py --workdir=DIR)")
+  model = build_model(config)
+  params = variables["params"]
+  dims = {m: params[f"{m}_projector1"]["kernel"].shape[0] if f"{m}_projector1" in params else 1
+          for m in ("image", "audio")}
+  expected = jax.eval_shape(lambda: create_train_state(
+      config, model, optax.identity(), image_dim=dims["image"], audio_dim=dims["audio"])).params
+  inference.check_params_fit(workdir, expected, params)
+  return config, model, params, step
+
+
 def check_same_model(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises ConfigError when `workdir` holds checkpoints of another `config.model`.
 

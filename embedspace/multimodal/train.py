@@ -126,11 +126,7 @@ def load_workdir(workdir: str) -> tuple[ml_collections.ConfigDict, models.Multim
   model = build_model(config, bn_axis_name=None)
   expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy_inputs(config),
                                                train=False))["params"]
-  shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)  # noqa: E731
-  if shapes(expected) != shapes(variables["params"]):
-    raise inference.IncompatibleWorkdirError(
-        f"the parameters in {workdir} do not fit the model its config.json builds with this "
-        "version of embedspace (retrain, or use the version that trained it)")
+  inference.check_params_fit(workdir, expected, variables["params"])
   return config, model, variables, step
 
 
