@@ -27,11 +27,13 @@ sys.path.insert(0, HERE)  # the cells_*.py modules, also when this file is impor
 from cells_01 import NB01  # noqa: E402
 from cells_02 import NB02  # noqa: E402
 from cells_03 import NB03  # noqa: E402
+from cells_04 import NB04  # noqa: E402
 
 NOTEBOOKS = {
     "01": ("01_distance_measures.ipynb", NB01),
     "02": ("02_train_vicreg_simclr.ipynb", NB02),
     "03": ("03_multimodal_binding.ipynb", NB03),
+    "04": ("04_interfaces.ipynb", NB04),
 }
 
 
@@ -108,7 +110,7 @@ def refresh_markdown(path: str, cells: list[nbformat.NotebookNode]) -> nbformat.
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("which", nargs="*", default=sorted(NOTEBOOKS), help="01, 02, 03")
+  parser.add_argument("which", nargs="*", default=sorted(NOTEBOOKS), help="01, 02, 03, 04")
   parser.add_argument("--execute", action="store_true", help="run and save outputs")
   parser.add_argument("--markdown", action="store_true",
                       help="only update the Markdown cells of the executed notebooks")

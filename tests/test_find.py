@@ -55,6 +55,18 @@ def test_box_and_mask_iou_and_giou_match_brute_force():
   assert np.all(got <= 1 + 1e-6) and np.all(got >= -1 - 1e-6)
 
 
+def test_resolution_ceiling_is_one_for_blocky_masks_and_zero_for_single_pixels():
+  masks = np.zeros((1, 2, 8, 8), bool)
+  masks[0, 0, 2:6, 4:8] = True  # 2x2 blocks at mask size 4: kept exactly
+  masks[0, 1, 1, 1] = True  # a quarter of a block: lost
+  sc = scenes.Scenes(canvas=np.zeros((1, 8, 8, 1), np.uint8), masks=masks,
+                     boxes=np.zeros((1, 2, 4), np.float32), labels=np.array([[0, 1]]),
+                     valid=np.array([[True, True]]), items=np.zeros((1, 2), np.int32),
+                     positions=np.zeros((1, 2, 2), np.int32))
+  assert find_eval.resolution_ceiling(sc, 4) == pytest.approx(0.5)  # mean of 1 and 0
+  assert find_eval.resolution_ceiling(sc, 8) == pytest.approx(1.0)
+
+
 def test_enumerated_matching_is_the_minimum_cost_assignment():
   rng = np.random.default_rng(1)
   cost = rng.normal(size=(20, 4, 4)).astype(np.float32)
@@ -245,6 +257,7 @@ def test_smoke_run_trains_resumes_and_reports_on_eval_scenes_only(smoke_env, eig
       row = report[method][modality]
       assert 0 <= row["grounding"]["accuracy@iou0.5"] <= 1 and 0 <= row["retrieval"]["map"] <= 1
   assert 0 <= report["segmentation"]["mean_iou"] <= 1
+  assert 0 < report["segmentation"]["resolution_ceiling_iou"] < 1  # 14x14 masks of 56x56 scenes
   # Training scenes come from the train split, evaluation scenes from the eval split only.
   assert all(x is env["splits"]["train"].image_raw for x in used[:-1])
   assert used[-1] is env["splits"]["eval"].image_raw

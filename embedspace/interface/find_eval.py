@@ -6,11 +6,14 @@ encoders nor the interface saw. Per prompt modality:
 
 - grounding: every item of every scene is prompted once (a random held-out caption or test clip
   of its digit); accuracy is the share of predicted boxes with IoU >= 0.5 with the true box,
-  also for the tight box of the predicted mask, and the referring mask's IoU;
+  and the mask's IoU. Two ways: FIND's matching (`find.select_query`: the live query closest to
+  the prompt; its mask and that mask's tight box) and the prompt token's regressed box and mask
+  (also reported: the tight box of that mask);
 - retrieval: every eval prompt ranks every scene; a scene is relevant when it holds the digit;
   recall@k (a relevant scene in the top k) and mAP, with their chance levels;
 - segmentation (prompt-free): the queries' masks (objectness > 0.5) matched one-to-one to the
-  items by maximal total IoU; mean IoU over items, and how often the count of objects is right.
+  items by maximal total IoU; mean IoU over items, how often the count of objects is right,
+  and the ceiling that the masks' resolution sets (`resolution_ceiling`).
 
 Baseline, no interface: each scene is cut into 28x28 windows every `eval.window_stride` pixels
 (a sliding window, no knowledge of positions), each embedded by the frozen image encoder; a
@@ -67,7 +70,8 @@ def matched_iou(pred: np.ndarray, true: np.ndarray, valid: np.ndarray) -> np.nda
   return iou[list(best), items]
 
 
-def _upsample(masks: np.ndarray, size: int) -> np.ndarray:
+def upsample(masks: np.ndarray, size: int) -> np.ndarray:
+  """Masks `[..., m, m]` at `size` x `size` by nearest-neighbour repetition (`size % m == 0`)."""
   f = size // masks.shape[-1]
   return masks.repeat(f, axis=-2).repeat(f, axis=-1)
 
@@ -136,6 +140,7 @@ def evaluate_run(config: ml_collections.ConfigDict, env: dict[str, Any], params:
                                      )["e"]).reshape(*sc.valid.shape, -1)
 
   report: dict[str, Any] = {"num_scenes": ev.num_scenes, "num_items": int(sc.valid.sum()),
+                            "mask_size": config.model.mask_size,
                             "interface": {}, "interface_query_match": {},
                             "baseline_windows": {},
                             "baseline_oracle_crops": {}}
@@ -149,7 +154,7 @@ def evaluate_run(config: ml_collections.ConfigDict, env: dict[str, Any], params:
     prompt = bank[pick]
     out = _batched(apply, len(pick), ev.batch_size, canvas[scene_of], prompt)
     box = out["box"] * s
-    mask = _upsample(out["prompt_mask"] > 0, s)
+    mask = upsample(out["prompt_mask"] > 0, s)
     mask_box = np.stack([scenes_lib.mask_box(m) for m in mask])
     report["interface"][modality] = {"grounding": {
         "accuracy@iou0.5": float(np.mean(scenes_lib.box_iou(box, true_box) >= 0.5)),
@@ -159,7 +164,7 @@ def evaluate_run(config: ml_collections.ConfigDict, env: dict[str, Any], params:
         "mask_iou": float(np.mean(scenes_lib.mask_iou(mask, true_mask)))}}
     # The same outputs, grounded by matching: the query closest to the prompt, its mask's box.
     chosen = np.asarray(find.select_query(out, jnp.asarray(prompt)))
-    qmask = _upsample(out["query_masks"][np.arange(len(chosen)), chosen] > 0, s)
+    qmask = upsample(out["query_masks"][np.arange(len(chosen)), chosen] > 0, s)
     qbox = np.stack([scenes_lib.mask_box(m) for m in qmask])
     report["interface_query_match"][modality] = {"grounding": {
         "accuracy@iou0.5": float(np.mean(scenes_lib.box_iou(qbox, true_box) >= 0.5)),
@@ -201,15 +206,25 @@ def evaluate_run(config: ml_collections.ConfigDict, env: dict[str, Any], params:
         np.where(sc.valid[None], np.einsum("nkd,pd->pnk", oracle, mm_evaluate.unit(bank)),
                  -np.inf).max(-1), relevant)
     if mi == 0:
-      pred = _upsample(out["query_masks"][first] > 0, s) & (q_obj > 0)[..., None, None]
+      pred = upsample(out["query_masks"][first] > 0, s) & (q_obj > 0)[..., None, None]
       ious = np.concatenate([matched_iou(p, t, v) for p, t, v in zip(pred, sc.masks, sc.valid)])
       report["segmentation"] = {"mean_iou": float(np.mean(ious)), "count_accuracy": float(
-          np.mean((q_obj > 0).sum(axis=1) == sc.valid.sum(axis=1)))}
+          np.mean((q_obj > 0).sum(axis=1) == sc.valid.sum(axis=1))),
+          "resolution_ceiling_iou": resolution_ceiling(sc, config.model.mask_size)}
   if out_dir is not None:
     write_report(report, out_dir)
     if ev.plots:
       plot_examples(sc, examples, env, scene_of, slot_of, os.path.join(out_dir, "examples.png"))
   return report
+
+
+def resolution_ceiling(sc: scenes_lib.Scenes, mask_size: int) -> float:
+  """The mean IoU of the true masks with themselves at the predicted resolution: each
+  `mask_size`^2 block in the mask when half its pixels are, upsampled back to the canvas. No
+  mask predicted at that size can do better on average (thin strokes lose most)."""
+  true = sc.masks[sc.valid]
+  blocky = upsample(scenes_lib.downsample_masks(true, mask_size) >= 0.5, true.shape[-1])
+  return float(np.mean(scenes_lib.mask_iou(blocky, true)))
 
 
 def scene_kwargs(config: ml_collections.ConfigDict) -> dict[str, int]:
@@ -245,8 +260,10 @@ def write_report(report: dict[str, Any], out_dir: str) -> None:
                  f"{r['grounding']['accuracy@iou0.5 (box of the mask)']:.3f}.")
   seg = report["segmentation"]
   lines += ["", f"Segmentation by the queries (no prompt): mean IoU {seg['mean_iou']:.3f} over "
-            f"items (one-to-one matching); object count right in {seg['count_accuracy']:.3f} of "
-            "scenes.", "", "![prompts, answers and boxes](examples.png)"]
+            f"items (one-to-one matching; the {report['mask_size']}x{report['mask_size']} "
+            f"masks' ceiling is {seg['resolution_ceiling_iou']:.3f}); object count right in "
+            f"{seg['count_accuracy']:.3f} of scenes.", "",
+            "![prompts, answers and boxes](examples.png)"]
   with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
 
