@@ -57,9 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.grad_clip_norm = 1.0
 
   c.batch_size = 32
-  c.num_steps = 800
+  c.num_steps = 2400  # 16 min on 2 CPU cores; 800 steps already ground 0.97 (README)
   c.log_every = 25
-  c.checkpoint_every = 200
+  c.checkpoint_every = 600
   c.keep_checkpoints = 2
   c.skip_nonfinite = False
 
