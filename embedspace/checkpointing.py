@@ -28,7 +28,7 @@ import logging as py_logging
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
@@ -51,6 +51,10 @@ class DamagedCheckpointError(RuntimeError):
 
 class ProcessCountError(NoIntactCheckpointError):
   """The checkpoints were written by another number of processes than this run has."""
+
+
+class IncompatibleCheckpointError(NoIntactCheckpointError):
+  """The checkpoints hold arrays of other shapes than this run's state: another model, not damage."""
 
 
 class Checkpointer:
@@ -101,6 +105,7 @@ class Checkpointer:
     if not steps:
       return None
     self._check_process_count(steps[-1])
+    self._check_shapes(steps[-1], abstract_state)
     failures = []
     for step in reversed(steps):
       try:
@@ -137,6 +142,29 @@ class Checkpointer:
           f"the checkpoints under {self.directory} were written by {counts[0]} process(es) and "
           f"this run has {count}: each process's data position is saved separately, so resume "
           f"with --num_processes={counts[0]}, or use a new --workdir.")
+
+  def _check_shapes(self, step: int, abstract_state: Any) -> None:
+    """Raises IncompatibleCheckpointError when `step`'s saved arrays (read from its metadata) are
+    not the arrays of `abstract_state`: a checkpoint of another model, which must not be moved
+    aside as damaged and silently restarted. Unreadable metadata is left to the restore."""
+    try:
+      meta = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
+      saved = {_path_name(p): tuple(m.shape) for p, m in
+               jax.tree_util.tree_leaves_with_path(meta.item_metadata)}
+    except Exception:  # damaged metadata: the restore reports it
+      return
+    if not saved:  # a deleted state item or manifest reads as an empty tree: damage, not a model
+      return
+    wanted = {_path_name(p): tuple(x.shape)
+              for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    if differ:
+      first = differ[0]
+      raise IncompatibleCheckpointError(
+          f"the checkpoints under {self.directory} are of another model: {len(differ)} "
+          f"array(s) differ, first {first!r} (saved {saved.get(first, 'absent')}, this config "
+          f"builds {wanted.get(first, 'absent')}). Resume with the config that trained them "
+          "(its config.json in the workdir), or use a new --workdir.")
 
   def _restore_verified(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
     """Restores `step` and checks its arrays against the integrity record.
@@ -253,8 +281,13 @@ def state_digest(state: Any) -> dict[str, str]:
     array = np.ascontiguousarray(np.asarray(leaf))
     h = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
     h.update(array.view(np.uint8).reshape(-1) if array.size else b"")
-    digest["/".join(_key_name(k) for k in path)] = h.hexdigest()
+    digest[_path_name(path)] = h.hexdigest()
   return digest
+
+
+def _path_name(path: Sequence[Any]) -> str:
+  """A tree path as 'params/a/b' (see `_key_name`)."""
+  return "/".join(_key_name(k) for k in path)
 
 
 def _key_name(key: Any) -> str:

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import find as find_config
-from embedspace import inference, optim, parallel
+from embedspace import checkpointing, inference, optim, parallel
 from embedspace import train as ssl_train
 from embedspace.config_checks import ConfigError
 from embedspace.interface import find, find_eval, find_train, scenes
@@ -274,3 +274,7 @@ def test_smoke_run_trains_resumes_and_reports_on_eval_scenes_only(smoke_env, eig
   jax.tree.map(np.testing.assert_array_equal, params, state.params)
   with pytest.raises(inference.IncompatibleWorkdirError, match="not a FIND-style"):
     find_train.load_workdir(config.encoders_workdir)
+  config.model.width = 32  # checkpoints of another model are refused, not moved aside
+  with pytest.raises(checkpointing.IncompatibleCheckpointError, match="another model"):
+    find_train.train_and_evaluate(config, workdir)
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [3, 4]

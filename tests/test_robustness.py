@@ -386,3 +386,23 @@ def test_a_state_only_restore_can_be_verified_too(saved, tmp_path):
   with pytest.raises(checkpointing.DamagedCheckpointError, match=r"first w$"):
     checkpointing.verify_restored(directory / "2",
                                   ocp.StandardCheckpointer().restore(directory / "2" / "state"))
+
+
+@pytest.mark.parametrize("change", ["other shape", "missing array", "extra array"])
+def test_checkpoints_of_another_model_are_refused_not_moved_aside(change, saved, tmp_path):
+  directory = tmp_path / "checkpoints"
+  shutil.copytree(saved, directory)
+  target = _state(0)
+  if change == "other shape":
+    target["b"] = jnp.zeros((32,), jnp.float32)
+  elif change == "missing array":
+    del target["b"]
+  else:
+    target["c"] = jnp.zeros((3,), jnp.float32)
+  ckpt = checkpointing.Checkpointer(directory, every=1, keep=5)
+  with pytest.raises(checkpointing.IncompatibleCheckpointError, match=r"another model.*first "
+                     r"'(b|c)'.*config\.json"):
+    ckpt.restore_latest(checkpointing.abstract_like(target), _iterator())
+  ckpt.close()
+  assert _steps(directory) == [1, 2]  # Not damage: nothing moved, nothing restarted.
+  assert not os.path.exists(tmp_path / "checkpoints_damaged")
