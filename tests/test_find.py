@@ -274,7 +274,7 @@ def test_smoke_run_trains_resumes_and_reports_on_eval_scenes_only(smoke_env, eig
   jax.tree.map(np.testing.assert_array_equal, params, state.params)
   with pytest.raises(inference.IncompatibleWorkdirError, match="not a FIND-style"):
     find_train.load_workdir(config.encoders_workdir)
-  config.model.width = 32  # checkpoints of another model are refused, not moved aside
+  config.model.depth = 2  # checkpoints of another model are refused, not moved aside
   with pytest.raises(checkpointing.IncompatibleCheckpointError, match="another model"):
     find_train.train_and_evaluate(config, workdir)
   assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [3, 4]
