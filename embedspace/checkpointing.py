@@ -54,7 +54,8 @@ class ProcessCountError(NoIntactCheckpointError):
 
 
 class IncompatibleCheckpointError(NoIntactCheckpointError):
-  """The checkpoints hold arrays of other shapes than this run's state: another model, not damage."""
+  """The checkpoints hold arrays of other shapes than this run's state: another model, not
+  damage."""
 
 
 class Checkpointer:

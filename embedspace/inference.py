@@ -195,8 +195,8 @@ def restore_newest(workdir: str) -> tuple[Any, dict[str, Any], int]:
 
   Only the train state is read (not the data iterator), onto one device whatever the device
   count of the run that saved it. It is checked against the checkpoint's integrity record
-  (`checkpointing.verify_restored`). Damaged checkpoints are skipped with a warning and left where they are (training moves
-  them aside when it resumes).
+  (`checkpointing.verify_restored`). Damaged checkpoints are skipped with a warning and left
+  where they are (training moves them aside when it resumes).
 
   Args:
     workdir: a directory written by `train.train_and_evaluate` (`config.json`, `checkpoints/`).
@@ -247,6 +247,23 @@ def restore_newest(workdir: str) -> tuple[Any, dict[str, Any], int]:
     return config, {"params": state["params"], "batch_stats": state["batch_stats"]}, step
   raise checkpointing.NoIntactCheckpointError(
       f"no checkpoint under {ckpt_dir} could be restored ({'; '.join(failures)}).")
+
+
+def restore_run(workdir: str, methods: Sequence[str], *, kind: str,
+                config_file: str) -> tuple[Any, dict[str, Any], int]:
+  """`restore_newest(workdir)` for a run whose `config.method` is one of `methods`.
+
+  Raises:
+    IncompatibleWorkdirError: a run of another method, naming `kind` and how to train one
+      (`python -m embedspace.main --config=<config_file>`).
+    And what `restore_newest` raises.
+  """
+  config, variables, step = restore_newest(workdir)
+  if config.get("method") not in methods:
+    raise IncompatibleWorkdirError(
+        f"{workdir} is a {config.get('method', 'self-supervised')!r} run, not a {kind} one "
+        f"(train one with python -m embedspace.main --config={config_file} --workdir=DIR)")
+  return config, variables, step
 
 
 def check_params_fit(workdir: str, expected: Any, params: Any) -> None:

@@ -5,9 +5,10 @@
   EMBEDSPACE_NOTEBOOK_SIZE=smoke python experiments/build_notebooks.py --execute 01
 
 The sources live in `cells_common.py` (shared) and `cells_NN.py`, so that a change to a notebook
-is a reviewable diff of Python strings; the committed .ipynb files hold the outputs of one `--execute` run at the size its first lines print.
-Every notebook starts with the same two cells: the environment (Colab or a local checkout) and the
-parameters (papermill's `parameters` tag, or environment variables).
+is a reviewable diff of Python strings; the committed .ipynb files hold the outputs of one
+`--execute` run at the size its first lines print. Every notebook starts with the same two
+cells: the environment (Colab or a local checkout) and the parameters (papermill's `parameters`
+tag, or environment variables).
 """
 
 from __future__ import annotations

@@ -167,7 +167,8 @@ def sincos_2d(height: int, width: int, dim: int) -> jax.Array:
     freqs = jnp.geomspace(0.5, max(side / 4, 1.0), dim // 4)
     return 2 * jnp.pi * (jnp.arange(side, dtype=jnp.float32) / side)[:, None] * freqs
   y, x = axis(height)[:, None, :], axis(width)[None, :, :]
-  y, x = jnp.broadcast_to(y, (height, width, dim // 4)), jnp.broadcast_to(x, (height, width, dim // 4))
+  y = jnp.broadcast_to(y, (height, width, dim // 4))
+  x = jnp.broadcast_to(x, (height, width, dim // 4))
   return jnp.concatenate([jnp.sin(y), jnp.cos(y), jnp.sin(x), jnp.cos(x)], axis=-1)
 
 

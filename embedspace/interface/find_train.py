@@ -188,11 +188,8 @@ def load_workdir(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any
     inference.IncompatibleWorkdirError: not a FIND-style run, or one this version cannot build.
     ConfigError: its `encoders_workdir` is gone.
   """
-  config, variables, step = inference.restore_newest(workdir)
-  if config.get("method") != "find":
-    raise inference.IncompatibleWorkdirError(
-        f"{workdir} is a {config.get('method', 'self-supervised')!r} run, not a FIND-style one "
-        "(train one with python -m embedspace.main --config=configs/find.py --workdir=DIR)")
+  config, variables, step = inference.restore_run(workdir, ("find",), kind="FIND-style",
+                                                  config_file="configs/find.py")
   env = setup(config)
   expected = jax.eval_shape(lambda: create_train_state(
       config, env["model"], optax.identity(), env["frozen"])).params

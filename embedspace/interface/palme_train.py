@@ -261,11 +261,8 @@ def load_workdir(workdir: str) -> tuple[ml_collections.ConfigDict, palme.PalmE, 
     FileNotFoundError, checkpointing.NoIntactCheckpointError: see `inference.restore_newest`.
     inference.IncompatibleWorkdirError: not a PaLM-E-style run, or one this version cannot build.
   """
-  config, variables, step = inference.restore_newest(workdir)
-  if config.get("method") != "palme":
-    raise inference.IncompatibleWorkdirError(
-        f"{workdir} is a {config.get('method', 'self-supervised')!r} run, not a PaLM-E-style one "
-        "(train one with python -m embedspace.main --config=configs/palme.py --workdir=DIR)")
+  config, variables, step = inference.restore_run(workdir, ("palme",), kind="PaLM-E-style",
+                                                  config_file="configs/palme.py")
   model = build_model(config)
   params = variables["params"]
   dims = {m: params[f"{m}_projector1"]["kernel"].shape[0] if f"{m}_projector1" in params else 1

@@ -118,11 +118,9 @@ def load_workdir(workdir: str) -> tuple[ml_collections.ConfigDict, models.Multim
     FileNotFoundError, checkpointing.NoIntactCheckpointError: see `inference.restore_newest`.
     inference.IncompatibleWorkdirError: the run is not multimodal or does not fit this version.
   """
-  config, variables, step = inference.restore_newest(workdir)
-  if config.get("method") not in ("clip", "imagebind", "decur"):
-    raise inference.IncompatibleWorkdirError(
-        f"{workdir} is a {config.get('method', 'self-supervised')!r} run, not a multimodal one "
-        "(train one with python -m embedspace.main --config=configs/imagebind.py --workdir=DIR)")
+  config, variables, step = inference.restore_run(
+      workdir, ("clip", "imagebind", "decur"), kind="multimodal",
+      config_file="configs/imagebind.py")
   model = build_model(config, bn_axis_name=None)
   expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy_inputs(config),
                                                train=False))["params"]
