@@ -3,13 +3,15 @@
   python -m embedspace.embed --workdir=workdirs/vicreg --data=embedded_fashion_mnist:test
   python -m embedspace.embed --workdir=DIR --data=photos/ --resize --out=photos.npz
   python -m embedspace.embed --workdir=DIR --data=images.npy --labels=labels.npy --output=projector
+  python -m embedspace.embed --workdir=workdirs/imagebind --modality=audio --data=shipped:eval
 
 `--data` is a dataset name with an optional split, a folder of image files or a `.npy` of uint8
 images (`inputs.open_items`). The images stream through the model batch by batch
 (`TrainedModel.embed_stream`) into one `.npz` that numpy reads directly (`store`), with a JSON
 sidecar naming the model, output, shape and source. Memory holds one batch of images and its
-embeddings, whatever the size of the data set. Exit codes: 0 done, 2 bad input (one line
-`error: ...`).
+embeddings, whatever the size of the data set. A multimodal workdir (CLIP, ImageBind, DeCUR)
+embeds the `--modality` its flag names into the joint space (`multimodal.space`). Exit codes:
+0 done, 2 bad input (one line `error: ...`).
 """
 
 from __future__ import annotations
@@ -100,10 +102,17 @@ def main(argv: list[str]) -> None:
   from absl import flags
 
   from embedspace import inference
+  from embedspace.multimodal import space as space_lib
 
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
   f = flags.FLAGS
+  if space_lib.is_multimodal_workdir(f.workdir):
+    _embed_multimodal(f)
+    return
+  if f.modality:
+    fail(f"--modality={f.modality}: {f.workdir} is not a multimodal run (CLIP, ImageBind, "
+         "DeCUR); its model embeds images only")
   if f.output not in inference.OUTPUTS:
     fail(f"--output={f.output}: valid outputs are {', '.join(inference.OUTPUTS)}")
   try:
@@ -117,6 +126,28 @@ def main(argv: list[str]) -> None:
     fail(str(e))
   print(f"wrote {meta['shape'][0]} embeddings ({meta['shape'][1]}-d, {f.output}, step "
         f"{model.step}) to {out} and {store.sidecar_path(out)} in {meta['seconds']:.1f} s "
+        f"({meta['items_per_second']:.0f} items/s)", flush=True)
+
+
+def _embed_multimodal(f: Any) -> None:
+  """`main` for a CLIP, ImageBind or DeCUR workdir: one modality into the joint space."""
+  from embedspace import inference
+  from embedspace.multimodal import space as space_lib
+
+  if f.modality is None:
+    fail(f"--modality: {f.workdir} is a multimodal run; pass --modality=image, audio or text")
+  try:
+    space = space_lib.load(f.workdir, batch_size=f.batch_size)
+    if f.modality not in space.modalities:
+      fail(f"--modality={f.modality}: {f.workdir} embeds {', '.join(space.modalities)}; pass "
+           "one of them")
+    data = space_lib.open_data(space, f.modality, f.data, data_dir=f.data_dir)
+    out = f.out or default_out(space.workdir, f"{f.data}_{f.modality}", "joint")
+    meta = space_lib.embed_to_file(space, f.modality, data, out)
+  except (*inference.LOAD_ERRORS, ValueError, ImportError) as e:
+    fail(str(e))
+  print(f"wrote {meta['shape'][0]} {f.modality} embeddings ({meta['shape'][1]}-d joint space, "
+        f"step {space.step}) to {out} and {store.sidecar_path(out)} in {meta['seconds']:.1f} s "
         f"({meta['items_per_second']:.0f} items/s)", flush=True)
 
 
@@ -135,6 +166,9 @@ def _define_flags() -> None:
   flags.DEFINE_string("data_dir", None, "TFDS data dir (default $TFDS_DATA_DIR).")
   flags.DEFINE_integer("batch_size", 256, "Images per forward call.")
   flags.DEFINE_bool("progress", True, "Show a progress bar.")
+  flags.DEFINE_enum("modality", None, ["image", "audio", "text"], "For a multimodal workdir: "
+                    "which encoder (--data=shipped:eval|shipped:train, a .wav folder for audio, "
+                    "a .txt of captions for text).")
   flags.mark_flags_as_required(["workdir", "data"])
 
 

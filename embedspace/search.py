@@ -4,6 +4,7 @@
   python -m embedspace.search --embeddings=FILE.npz --query=shoe.png --measure=mahalanobis
   python -m embedspace.search --embeddings=FILE.npz --class_map=classes.png --measure=euclidean
   python -m embedspace.search --embeddings=FILE.npz --faiss_index=FILE.faiss --measure=cosine
+  python -m embedspace.search --embeddings=IMAGES.npz --query_text="the number seven"  # multimodal
 
 `top_k` is exact and runs the evaluation's kernel, `geometry.top_k` (keys scanned in blocks with a
 running top-k, queries in blocks of one compiled shape), so memory is `O(query_block *
@@ -222,11 +223,29 @@ def nearest_classes(matrix: np.ndarray, *, measure: str, top: int = 3) -> list[l
 # Command line.
 
 
-def _resolve_query(emb: Any, query: str, *, workdir: str | None,
-                   resize: bool) -> tuple[int | None, np.ndarray, np.ndarray | None, str]:
-  """`(row or None, vector [d], image or None, description)` of a `--query` value."""
+def _resolve_query(emb: Any, query: str | None, *, workdir: str | None, resize: bool,
+                   text: str | None = None
+                   ) -> tuple[int | None, np.ndarray, np.ndarray | None, str]:
+  """`(row or None, vector [d], image or None, description)` of a `--query` or `--query_text`."""
   from embedspace import inference, inputs
+  from embedspace.multimodal import space as space_lib
 
+  model_dir = workdir or emb.meta.get("model", {}).get("workdir")
+  if text is not None or (query is not None and os.path.isfile(query)
+                          and space_lib.is_multimodal_workdir(model_dir)):
+    if not space_lib.is_multimodal_workdir(model_dir):
+      raise ValueError(f"--query_text needs a multimodal model (CLIP, ImageBind, DeCUR): "
+                       f"{emb.path} was made by {model_dir or 'no named model'}; pass "
+                       "--workdir=DIR of one.")
+    space = space_lib.load(model_dir, batch_size=1)
+    vector, description = space_lib.embed_query(space, text=text, path=query)
+    if vector.shape != emb.embeddings.shape[1:]:
+      raise ValueError(f"{model_dir} gives {vector.shape[0]}-d vectors, the file holds "
+                       f"{emb.embeddings.shape[1]}-d ones; pass the --workdir that made it.")
+    image = None
+    if text is None and not query.lower().endswith(".wav"):
+      image = inputs.read_image(query, channels=1)
+    return None, vector, image, description
   rows = {str(i): r for r, i in enumerate(emb.ids)} if emb.ids.dtype.kind in "US" else {}
   if query.isdigit() or query in rows:
     row = int(query) if query.isdigit() else rows[query]
@@ -272,9 +291,14 @@ def plot_neighbours(query: np.ndarray | None, query_caption: str, images: list[n
   return path
 
 
-def run_query(emb: Any, query: str, *, k: int, measure: str, png: str | None = None,
-              workdir: str | None = None, resize: bool = False) -> dict[str, Any]:
+def run_query(emb: Any, query: str | None, *, k: int, measure: str, png: str | None = None,
+              workdir: str | None = None, resize: bool = False,
+              text: str | None = None) -> dict[str, Any]:
   """Prints the `k` nearest rows of `emb` to `query` and draws them (see the module docstring).
+
+  `query` is a row number, an id of the file or a file (an image; for a file made by a
+  multimodal model also a `.wav` recording); `text` (with `query=None`) is a caption, embedded by
+  the multimodal model's text encoder: a search across modalities.
 
   Returns:
     `{"rows", "ids", "labels", "values", "png"}` of the neighbours (the query row itself is left
@@ -286,7 +310,8 @@ def run_query(emb: Any, query: str, *, k: int, measure: str, png: str | None = N
   """
   from embedspace import inputs
 
-  row, vector, image, description = _resolve_query(emb, query, workdir=workdir, resize=resize)
+  row, vector, image, description = _resolve_query(emb, query, workdir=workdir, resize=resize,
+                                                   text=text)
   keys = emb.embeddings
   started = time.perf_counter()
   values, indices = top_k(vector[None], keys, measure=measure,
@@ -303,6 +328,8 @@ def run_query(emb: Any, query: str, *, k: int, measure: str, png: str | None = N
   result = {"rows": [r for r, _ in hits], "ids": [emb.ids[r].item() for r, _ in hits],
             "labels": [int(emb.labels[r]) for r, _ in hits], "values": [v for _, v in hits],
             "png": None}
+  if emb.meta.get("model", {}).get("modality", "image") != "image":
+    return result  # recordings and captions: the printed ids say what they are
   try:
     channels = emb.meta.get("model", {}).get("channels", 3)
     items = inputs.reopen(emb.meta.get("source", {}), channels=channels)
@@ -312,9 +339,10 @@ def run_query(emb: Any, query: str, *, k: int, measure: str, png: str | None = N
   except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
     print(f"note: no picture: the images of {emb.path} cannot be read ({e}).", file=sys.stderr)
     return result
-  picture = lambda x: x[..., None] if x.ndim == 2 else x
+  picture = lambda x: None if x is None else x[..., None] if x.ndim == 2 else x  # noqa: E731
   caption = f"query\n{label(row)}" if row is not None else f"query\n{description}"
-  png = png or f"{os.path.splitext(emb.path)[0]}_query_{os.path.basename(query)}.png"
+  name = "text" if query is None else os.path.basename(query)
+  png = png or f"{os.path.splitext(emb.path)[0]}_query_{name}.png"
   model = emb.meta.get("model", {})
   title = (f"{measure} neighbours, {model.get('method', '?')} {emb.meta.get('output', '?')} "
            f"({os.path.basename(model.get('workdir', '?'))}, step {model.get('step', '?')})")
@@ -367,18 +395,20 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
   f = flags.FLAGS
-  if f.query is None and not f.class_map and not f.faiss_index:
-    fail("nothing to do: pass --query=ROW_OR_IMAGE, --class_map=OUT.png or "
-         "--faiss_index=OUT.faiss")
+  if f.query is None and f.query_text is None and not f.class_map and not f.faiss_index:
+    fail("nothing to do: pass --query=ROW_OR_FILE, --query_text=CAPTION, --class_map=OUT.png "
+         "or --faiss_index=OUT.faiss")
+  if f.query is not None and f.query_text is not None:
+    fail("pass --query or --query_text, not both")
   if f.measure not in MEASURES + _EXTRA:
     fail(f"--measure={f.measure}: valid measures are {', '.join(MEASURES + _EXTRA)}")
   if f.k < 1:
     fail(f"--k={f.k}: must be >= 1")
   try:
     emb = store.load_embeddings(f.embeddings)
-    if f.query is not None:
+    if f.query is not None or f.query_text is not None:
       run_query(emb, f.query, k=f.k, measure=f.measure, png=f.png, workdir=f.workdir,
-                resize=f.resize)
+                resize=f.resize, text=f.query_text)
     if f.class_map:
       run_class_map(emb, f.class_map, measure=f.measure, max_points=f.max_points)
     if f.faiss_index:
@@ -391,7 +421,10 @@ def main(argv: list[str]) -> None:
 def _define_flags() -> None:
   from absl import flags
   flags.DEFINE_string("embeddings", None, "An embeddings file (.npz from embedspace.embed).")
-  flags.DEFINE_string("query", None, "A row number, an id of the file, or an image file.")
+  flags.DEFINE_string("query", None, "A row number, an id of the file, or an image file (or a "
+                      ".wav recording, for a file of a multimodal model).")
+  flags.DEFINE_string("query_text", None, "A caption as the query (a multimodal model's text "
+                      "encoder): search images or recordings by words.")
   flags.DEFINE_integer("k", 10, "Neighbours to show.")
   flags.DEFINE_string("measure", "cosine", f"One of {', '.join(MEASURES + _EXTRA)}.")
   flags.DEFINE_string("png", None, "Picture of the query and its neighbours (default beside "
