@@ -1,4 +1,4 @@
-"""A multimodal run as one space: raw images, recordings and captions in, search across modalities."""
+"""A multimodal run as one space: raw images, recordings and captions in; search across them."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ values, rows = search.top_k(words, images, measure="cosine", k=5)  # caption -> 
 The same from the command line (`embedspace.embed` and `embedspace.search` take a multimodal
 workdir; `--modality` picks the encoder):
 
-  python -m embedspace.embed --workdir=workdirs/imagebind --modality=image --data=embedded_mnist:test
+  python -m embedspace.embed --workdir=workdirs/imagebind --modality=image --data=shipped:eval
   python -m embedspace.embed --workdir=workdirs/imagebind --modality=audio --data=shipped:eval
   python -m embedspace.embed --workdir=workdirs/imagebind --modality=audio --data=recordings/
   python -m embedspace.search --embeddings=FILE.npz --query_text="the number seven" --k=8
