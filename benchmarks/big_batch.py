@@ -11,8 +11,10 @@ device, run in its own subprocess so that its memory is its own. Two memory figu
   compiled program (`temp`) and those plus its arguments and outputs (`total`). Known before
   anything runs, so a dense case whose program would not fit in `--max_gib` (default: 60% of
   the machine's available memory) is compiled and reported, but not run.
-- RSS: the subprocess's peak resident set (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, read
-  in the subprocess after the timed calls), which includes JAX's own ~0.3-0.5 GiB.
+- RSS: the subprocess's peak resident set (`VmHWM` of `/proc/self/status`, read in the
+  subprocess after the timed calls), which includes JAX's own ~0.3-0.5 GiB. Not `ru_maxrss`:
+  Linux carries that across fork and exec, so a subprocess of a large parent (run_all, with
+  torch loaded) would report the parent's peak.
 
 Time is the wall-clock of one call of the compiled program (the best of `repeats`; 1 repeat for
 N > 8192, where a blockwise call takes minutes on a laptop-class CPU), and its process CPU time,
@@ -86,8 +88,22 @@ def measure(method: str, n: int, dim: int, *, block_size: int, repeats: int,
     cpu.append(time.process_time() - c)
   best = min(range(repeats), key=wall.__getitem__)
   row.update(status="ok", loss=float(value), time_s=wall[best], cpu_s=cpu[best], repeats=repeats,
-             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+             peak_rss_bytes=peak_rss_bytes())
   return row
+
+
+def peak_rss_bytes() -> int:
+  """This process's own peak resident set: `VmHWM` (Linux), else `ru_maxrss` (which on Linux
+  would include the peak of the process this one was forked from)."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux kB
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _measure_in_subprocess(method: str, n: int, dim: int, *, block_size: int,

@@ -43,3 +43,24 @@ def test_write_results_keeps_text_outside_markers(tmp_path):
   assert text.count(common.BEGIN_MARK) == 1
   assert "| c | mine | 200.0 ms" in text
   assert (tmp_path / "results.json").exists()
+
+
+def test_big_batch_peak_rss_is_the_subprocess_own_not_its_parents():
+  import subprocess
+  import sys
+
+  import numpy as np
+
+  from benchmarks import big_batch
+
+  ballast = np.ones(1 << 27)  # 1 GiB resident in this process
+  parent = big_batch.peak_rss_bytes()
+  assert parent > ballast.nbytes
+  child = subprocess.run(
+      [sys.executable, "-c", "import resource, sys; sys.path.insert(0, '.');"
+       "from benchmarks.big_batch import peak_rss_bytes;"
+       "print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
+      capture_output=True, text=True, check=True, cwd=big_batch.__file__.rsplit("/", 2)[0])
+  own, inherited = map(int, child.stdout.split())
+  assert own < parent - ballast.nbytes // 2 < inherited  # ru_maxrss carries the parent's peak
+  del ballast
