@@ -16,28 +16,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
 from embedspace import checkpointing, parallel
+from embedspace.workdirs import IncompatibleWorkdirError, restore_newest
 
 ApplyFn = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
 
 OUTPUTS = ("encoder", "projector")
 """What `TrainedModel.embed` returns: the encoder's features (what transfers; the evaluation's
 default) or the projector's embeddings (what the loss saw)."""
-
-
-class IncompatibleWorkdirError(ValueError):
-  """The workdir's config or checkpoint does not fit the model this version of embedspace builds."""
 
 
 class ImageError(ValueError):
@@ -188,92 +183,6 @@ def load_workdir(workdir: str) -> tuple[Any, Any, dict[str, Any], int]:
   """
   config, variables, step = restore_newest(workdir)
   return config, _check_compatible(config, variables, workdir), variables, step
-
-
-def restore_newest(workdir: str) -> tuple[Any, dict[str, Any], int]:
-  """The config and variables of the newest intact checkpoint of any embedspace training run.
-
-  Only the train state is read (not the data iterator), onto one device whatever the device
-  count of the run that saved it. It is checked against the checkpoint's integrity record
-  (`checkpointing.verify_restored`). Damaged checkpoints are skipped with a warning and left
-  where they are (training moves them aside when it resumes).
-
-  Args:
-    workdir: a directory written by `train.train_and_evaluate` (`config.json`, `checkpoints/`).
-
-  Returns:
-    `(config, {"params", "batch_stats"}, step)`.
-
-  Raises:
-    FileNotFoundError: no `config.json` or no checkpoint in `workdir`.
-    checkpointing.NoIntactCheckpointError: checkpoints exist but none restores.
-    IncompatibleWorkdirError: `config.json` is not a config, or the state is not a train state.
-  """
-  import ml_collections
-
-  workdir = os.path.abspath(workdir)  # orbax refuses relative paths.
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{workdir} has no config.json: not a training workdir (train with "
-                            "python -m embedspace.main --config=... --workdir=DIR first).")
-  try:
-    with open(config_path, encoding="utf-8") as f:
-      config = ml_collections.ConfigDict(json.load(f))
-  except (ValueError, TypeError) as e:
-    raise IncompatibleWorkdirError(f"{config_path} is not a config ({e}).") from None
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(d) for d in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
-                 if d.isdigit())
-  if not steps:
-    raise FileNotFoundError(f"{workdir} has no checkpoint under {ckpt_dir}: the run saved "
-                            "nothing yet (checkpoints are written every config.checkpoint_every "
-                            "steps and at the end).")
-  failures = []
-  for step in reversed(steps):
-    step_dir = os.path.join(ckpt_dir, str(step))
-    try:
-      state = checkpointing.restore_state(step_dir)
-      # Garbage bytes in an array file can restore silently wrong values: check the sha256
-      # record training wrote (checkpoints from before the record are taken as they are).
-      checkpointing.verify_restored(step_dir, state)
-    except Exception as e:  # orbax raises many types for damaged files; each one is reported.
-      reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-      logging.warning("checkpoint %s is damaged and is skipped (%s)", step, reason)
-      failures.append(f"step {step}: {reason}")
-      continue
-    if not isinstance(state, Mapping) or not {"params", "batch_stats"} <= set(state):
-      raise IncompatibleWorkdirError(
-          f"checkpoint {step_dir} holds no params/batch_stats: not an embedspace train state.")
-    return config, {"params": state["params"], "batch_stats": state["batch_stats"]}, step
-  raise checkpointing.NoIntactCheckpointError(
-      f"no checkpoint under {ckpt_dir} could be restored ({'; '.join(failures)}).")
-
-
-def restore_run(workdir: str, methods: Sequence[str], *, kind: str,
-                config_file: str) -> tuple[Any, dict[str, Any], int]:
-  """`restore_newest(workdir)` for a run whose `config.method` is one of `methods`.
-
-  Raises:
-    IncompatibleWorkdirError: a run of another method, naming `kind` and how to train one
-      (`python -m embedspace.main --config=<config_file>`).
-    And what `restore_newest` raises.
-  """
-  config, variables, step = restore_newest(workdir)
-  if config.get("method") not in methods:
-    raise IncompatibleWorkdirError(
-        f"{workdir} is a {config.get('method', 'self-supervised')!r} run, not a {kind} one "
-        f"(train one with python -m embedspace.main --config={config_file} --workdir=DIR)")
-  return config, variables, step
-
-
-def check_params_fit(workdir: str, expected: Any, params: Any) -> None:
-  """Raises IncompatibleWorkdirError unless `params` has the tree and shapes of `expected` (the
-  parameters, or their `jax.eval_shape`, of the model the workdir's config builds)."""
-  shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)  # noqa: E731
-  if shapes(expected) != shapes(params):
-    raise IncompatibleWorkdirError(
-        f"the parameters in {workdir} do not fit the model its config.json builds with this "
-        "version of embedspace (retrain, or use the version that trained it)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,11 +26,11 @@ from absl import logging
 
 from embedspace import checkpointing
 from embedspace import data as image_data
-from embedspace import inference
 from embedspace import metrics as metrics_lib
 from embedspace import optim
 from embedspace import parallel
 from embedspace import train as ssl_train
+from embedspace import workdirs
 from embedspace.config_checks import ConfigError, check_workdir_config
 from embedspace.interface import find
 from embedspace.interface import find_eval
@@ -88,7 +88,7 @@ def load_encoders(config: ml_collections.ConfigDict) -> tuple[Any, Any, Any]:
   try:
     enc_config, model, variables, _ = mm_train.load_workdir(workdir)
   except (FileNotFoundError, checkpointing.NoIntactCheckpointError,
-          inference.IncompatibleWorkdirError) as e:
+          workdirs.IncompatibleWorkdirError) as e:
     raise ConfigError(f"config.encoders_workdir={workdir!r} holds no trained multimodal run "
                       f"({' '.join(str(e).split())}); {TRAIN_ENCODERS}") from None
   missing = {"image", *config.prompts} - set(model.modalities)
@@ -184,16 +184,16 @@ def load_workdir(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any
   measures it again.
 
   Raises:
-    FileNotFoundError, checkpointing.NoIntactCheckpointError: see `inference.restore_newest`.
-    inference.IncompatibleWorkdirError: not a FIND-style run, or one this version cannot build.
+    FileNotFoundError, checkpointing.NoIntactCheckpointError: see `workdirs.restore_newest`.
+    workdirs.IncompatibleWorkdirError: not a FIND-style run, or one this version cannot build.
     ConfigError: its `encoders_workdir` is gone.
   """
-  config, variables, step = inference.restore_run(workdir, ("find",), kind="FIND-style",
+  config, variables, step = workdirs.restore_run(workdir, ("find",), kind="FIND-style",
                                                   config_file="configs/find.py")
   env = setup(config)
   expected = jax.eval_shape(lambda: create_train_state(
       config, env["model"], optax.identity(), env["frozen"])).params
-  inference.check_params_fit(workdir, expected, variables["params"])
+  workdirs.check_params_fit(workdir, expected, variables["params"])
   return config, env, variables["params"], step
 
 

@@ -29,11 +29,11 @@ import optax
 from absl import logging
 
 from embedspace import checkpointing
-from embedspace import inference
 from embedspace import metrics as metrics_lib
 from embedspace import optim
 from embedspace import parallel
 from embedspace import train as ssl_train
+from embedspace import workdirs
 from embedspace.config_checks import ConfigError, check_workdir_config
 from embedspace.interface import palme
 from embedspace.interface import palme_data
@@ -87,7 +87,7 @@ def load_encoders(config: ml_collections.ConfigDict) -> tuple[ml_collections.Con
   try:
     enc_config, model, variables, _ = mm_train.load_workdir(workdir)
   except (FileNotFoundError, checkpointing.NoIntactCheckpointError,
-          inference.IncompatibleWorkdirError) as e:
+          workdirs.IncompatibleWorkdirError) as e:
     raise ConfigError(f"config.encoders_workdir={workdir!r} cannot be used ({e}); train an "
                       f"ImageBind run with `{TRAIN_ENCODERS}`") from None
   modalities = mm_train.modalities_of(enc_config)
@@ -258,10 +258,10 @@ def load_workdir(workdir: str) -> tuple[ml_collections.ConfigDict, palme.PalmE, 
   `frozen_vectors(config)` (the run's `config.encoders_workdir`).
 
   Raises:
-    FileNotFoundError, checkpointing.NoIntactCheckpointError: see `inference.restore_newest`.
-    inference.IncompatibleWorkdirError: not a PaLM-E-style run, or one this version cannot build.
+    FileNotFoundError, checkpointing.NoIntactCheckpointError: see `workdirs.restore_newest`.
+    workdirs.IncompatibleWorkdirError: not a PaLM-E-style run, or one this version cannot build.
   """
-  config, variables, step = inference.restore_run(workdir, ("palme",), kind="PaLM-E-style",
+  config, variables, step = workdirs.restore_run(workdir, ("palme",), kind="PaLM-E-style",
                                                   config_file="configs/palme.py")
   model = build_model(config)
   params = variables["params"]
@@ -269,7 +269,7 @@ def load_workdir(workdir: str) -> tuple[ml_collections.ConfigDict, palme.PalmE, 
           for m in ("image", "audio")}
   expected = jax.eval_shape(lambda: create_train_state(
       config, model, optax.identity(), image_dim=dims["image"], audio_dim=dims["audio"])).params
-  inference.check_params_fit(workdir, expected, params)
+  workdirs.check_params_fit(workdir, expected, params)
   return config, model, params, step
 
 

@@ -134,7 +134,7 @@ def load(workdir: str, *, batch_size: int = 256) -> MultimodalSpace:
   """The newest intact checkpoint of a CLIP, ImageBind or DeCUR run, ready to embed.
 
   Raises:
-    FileNotFoundError, checkpointing.NoIntactCheckpointError, inference.IncompatibleWorkdirError:
+    FileNotFoundError, checkpointing.NoIntactCheckpointError, workdirs.IncompatibleWorkdirError:
       see `multimodal.train.load_workdir`.
     ValueError: `batch_size < 1`.
   """

@@ -26,12 +26,12 @@ import ml_collections
 import optax
 from absl import logging
 
-from embedspace import inference
 from embedspace import losses
 from embedspace import metrics as metrics_lib
 from embedspace import optim
 from embedspace import parallel
 from embedspace import train as ssl_train
+from embedspace import workdirs
 from embedspace.config_checks import ConfigError, check_workdir_config
 from embedspace.multimodal import data as data_lib
 from embedspace.multimodal import evaluate as mm_evaluate
@@ -115,16 +115,16 @@ def load_workdir(workdir: str) -> tuple[ml_collections.ConfigDict, models.Multim
   embeddings)`. Used by the interfaces over frozen encoders (`configs/palme.py`, `find.py`).
 
   Raises:
-    FileNotFoundError, checkpointing.NoIntactCheckpointError: see `inference.restore_newest`.
-    inference.IncompatibleWorkdirError: the run is not multimodal or does not fit this version.
+    FileNotFoundError, checkpointing.NoIntactCheckpointError: see `workdirs.restore_newest`.
+    workdirs.IncompatibleWorkdirError: the run is not multimodal or does not fit this version.
   """
-  config, variables, step = inference.restore_run(
+  config, variables, step = workdirs.restore_run(
       workdir, ("clip", "imagebind", "decur"), kind="multimodal",
       config_file="configs/imagebind.py")
   model = build_model(config, bn_axis_name=None)
   expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy_inputs(config),
                                                train=False))["params"]
-  inference.check_params_fit(workdir, expected, variables["params"])
+  workdirs.check_params_fit(workdir, expected, variables["params"])
   return config, model, variables, step
 
 
