@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from embedspace import ood, parallel, report as report_lib, retrieval
+from embedspace import ood, parallel, plots, report as report_lib, retrieval
 from embedspace.inference import LOAD_ERRORS, embed, load_workdir
 from embedspace.probes import knn_classify, knn_predict, linear_probe
 
@@ -315,20 +315,20 @@ def _write_report(result: dict[str, Any], out_dir: str, *, test: dict[str, np.nd
   path = lambda name: os.path.join(out_dir, name)
   images = {}
   images["Which classes sit close: mean cosine similarity between classes"] = (
-      report_lib.plot_class_similarity(
+      plots.plot_class_similarity(
           {s: a["class_similarity"] for s, a in geometry_arrays.items()}, class_names,
           path("class_similarity.png")))
   for space, arrays in geometry_arrays.items():
     images[f"Same- vs different-class pairs under every measure ({space})"] = (
-        report_lib.plot_pair_histograms(
+        plots.plot_pair_histograms(
             arrays["pairs"], result["geometry"][space]["same_vs_different_class_auroc"],
             f"{space}: pair values on the eval split", path(f"measures_{space}.png")))
-  images["Geodesic distances on the hypersphere"] = report_lib.plot_geodesic(
+  images["Geodesic distances on the hypersphere"] = plots.plot_geodesic(
       {s: a["geodesic"] for s, a in geometry_arrays.items()}, path("geodesic.png"))
-  images["Dimension usage (collapse check)"] = report_lib.plot_dimensions(
+  images["Dimension usage (collapse check)"] = plots.plot_dimensions(
       {s: a["dimensions"] for s, a in geometry_arrays.items()}, path("dimensions.png"))
   if ood_scores:
-    images["OOD scores and ROC curves"] = report_lib.plot_ood(
+    images["OOD scores and ROC curves"] = plots.plot_ood(
         ood_scores, result["ood"]["metrics"], path("ood.png"))
   idx = np.sort(np.random.default_rng(seed).permutation(len(test["labels"]))[:_MAP_POINTS])
   maps = {}
@@ -342,7 +342,7 @@ def _write_report(result: dict[str, Any], out_dir: str, *, test: dict[str, np.nd
                                "(pip install scikit-learn).")
         break
       maps[f"{space} t-SNE"] = xy
-  images["2-D maps of the eval split"] = report_lib.plot_maps(
+  images["2-D maps of the eval split"] = plots.plot_maps(
       maps, test["labels"][idx], class_names, path("maps.png"))
   with open(path("report.json"), "w", encoding="utf-8") as f:
     json.dump(result, f, indent=1)

@@ -360,7 +360,7 @@ def run_class_map(emb: Any, path: str, *, measure: str, max_points: int = 4000,
   Raises:
     ValueError: on an unknown measure or a file without labels.
   """
-  from embedspace import report
+  from embedspace import plots
 
   names = emb.class_names
   num_classes = max(len(names), int(emb.labels.max(initial=-1)) + 1)
@@ -370,7 +370,7 @@ def run_class_map(emb: Any, path: str, *, measure: str, max_points: int = 4000,
   nearest = nearest_classes(matrix, measure=measure, top=top)
   path = os.path.splitext(os.path.abspath(path))[0] + ".png"
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  report.plot_class_similarity({emb.meta.get("output", "embeddings"): matrix}, names, path,
+  plots.plot_class_similarity({emb.meta.get("output", "embeddings"): matrix}, names, path,
                                measure=measure)
   record = {"measure": measure, "points": used, "class_names": list(names),
             "matrix": [[None if not np.isfinite(v) else float(v) for v in r] for r in matrix],

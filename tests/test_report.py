@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from embedspace import losses, report
+from embedspace import losses, plots, report
 
 
 def test_class_similarity_matches_pairwise_mean():
@@ -81,13 +81,13 @@ def test_plots_write_pngs(tmp_path):
                                               measures=("cosine", "hamming_64"), seed=0)
   names = ("a", "b", "c")
   paths = [
-      report.plot_class_similarity({"enc": arrays["class_similarity"]}, names,
+      plots.plot_class_similarity({"enc": arrays["class_similarity"]}, names,
                                    str(tmp_path / "sim.png")),
-      report.plot_pair_histograms(arrays["pairs"], numbers["same_vs_different_class_auroc"],
+      plots.plot_pair_histograms(arrays["pairs"], numbers["same_vs_different_class_auroc"],
                                   "t", str(tmp_path / "pairs.png")),
-      report.plot_geodesic({"enc": arrays["geodesic"]}, str(tmp_path / "geo.png")),
-      report.plot_dimensions({"enc": arrays["dimensions"]}, str(tmp_path / "dims.png")),
-      report.plot_maps({"PCA": report.pca_2d(x)}, y, names, str(tmp_path / "map.png")),
+      plots.plot_geodesic({"enc": arrays["geodesic"]}, str(tmp_path / "geo.png")),
+      plots.plot_dimensions({"enc": arrays["dimensions"]}, str(tmp_path / "dims.png")),
+      plots.plot_maps({"PCA": report.pca_2d(x)}, y, names, str(tmp_path / "map.png")),
   ]
   for p in paths:
     with open(p, "rb") as f:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from embedspace import report as report_lib
+from embedspace import plots
 from embedspace.interface import find
 from embedspace.interface import scenes as scenes_lib
 from embedspace.multimodal import data as mm_data
@@ -274,7 +274,7 @@ def plot_examples(sc: scenes_lib.Scenes, examples: dict[str, Any], env: dict[str
   """A few prompted items: the scene, the prompt, the true (green), the interface's by query
   matching (red) and by the prompt token (orange, dotted), and the sliding-window baseline's
   (blue, dashed) boxes."""
-  plt = report_lib._pyplot()
+  plt = plots.pyplot()
   split = env["splits"]["eval"]
   rows = list(examples.items())
   count = min(count, len(scene_of))

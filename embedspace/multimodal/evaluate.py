@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 
 from embedspace import probes
-from embedspace import report as report_lib
+from embedspace import plots as plots_lib
 from embedspace import retrieval
 from embedspace.multimodal import data as data_lib
 from embedspace.multimodal import models
@@ -255,7 +255,7 @@ def write_report(report: dict[str, Any], emb: dict[str, np.ndarray],
     pairs = list(itertools.combinations(labels.keys() & emb.keys(), 2))
     pairs = sorted(pairs, key=lambda p: (data_lib.MODALITIES.index(p[0]),
                                          data_lib.MODALITIES.index(p[1])))
-    plt = report_lib._pyplot()
+    plt = plots_lib.pyplot()
     fig, axes = plt.subplots(1, max(len(pairs), 1), figsize=(4.2 * max(len(pairs), 1), 3.8),
                              squeeze=False)
     for ax, (a, b) in zip(axes[0], pairs):
