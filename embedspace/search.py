@@ -292,13 +292,15 @@ def plot_neighbours(query: np.ndarray | None, query_caption: str, images: list[n
 
 
 def run_query(emb: Any, query: str | None, *, k: int, measure: str, png: str | None = None,
-              workdir: str | None = None, resize: bool = False,
-              text: str | None = None) -> dict[str, Any]:
+              workdir: str | None = None, resize: bool = False, text: str | None = None,
+              normalize: bool = False) -> dict[str, Any]:
   """Prints the `k` nearest rows of `emb` to `query` and draws them (see the module docstring).
 
   `query` is a row number, an id of the file or a file (an image; for a file made by a
   multimodal model also a `.wav` recording); `text` (with `query=None`) is a caption, embedded by
-  the multimodal model's text encoder: a search across modalities.
+  the multimodal model's text encoder: a search across modalities. `normalize` scales the query
+  and every key to unit length first: across modalities, whose embeddings have different norms,
+  it makes the distances usable (README, "Searching across modalities").
 
   Returns:
     `{"rows", "ids", "labels", "values", "png"}` of the neighbours (the query row itself is left
@@ -313,6 +315,9 @@ def run_query(emb: Any, query: str | None, *, k: int, measure: str, png: str | N
   row, vector, image, description = _resolve_query(emb, query, workdir=workdir, resize=resize,
                                                    text=text)
   keys = emb.embeddings
+  if normalize:
+    keys = np.asarray(geometry.l2_normalize(jnp.asarray(keys)))
+    vector = np.asarray(geometry.l2_normalize(jnp.asarray(vector)))
   started = time.perf_counter()
   values, indices = top_k(vector[None], keys, measure=measure,
                           k=min(k + (row is not None), len(keys)))
@@ -408,7 +413,7 @@ def main(argv: list[str]) -> None:
     emb = store.load_embeddings(f.embeddings)
     if f.query is not None or f.query_text is not None:
       run_query(emb, f.query, k=f.k, measure=f.measure, png=f.png, workdir=f.workdir,
-                resize=f.resize, text=f.query_text)
+                resize=f.resize, text=f.query_text, normalize=f.normalize)
     if f.class_map:
       run_class_map(emb, f.class_map, measure=f.measure, max_points=f.max_points)
     if f.faiss_index:
@@ -426,6 +431,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("query_text", None, "A caption as the query (a multimodal model's text "
                       "encoder): search images or recordings by words.")
   flags.DEFINE_integer("k", 10, "Neighbours to show.")
+  flags.DEFINE_bool("normalize", False, "Scale the query and the embeddings to unit length "
+                    "first (across modalities, whose norms differ).")
   flags.DEFINE_string("measure", "cosine", f"One of {', '.join(MEASURES + _EXTRA)}.")
   flags.DEFINE_string("png", None, "Picture of the query and its neighbours (default beside "
                       "the embeddings file).")

@@ -126,6 +126,16 @@ def test_files_and_search_across_modalities(space, split, tmp_path):
                                    measure="cosine", k=5)
   assert got["rows"] == want_rows[0].tolist()
   np.testing.assert_allclose(got["values"], want_v[0], rtol=1e-5)
+  # --normalize: the same search on unit vectors (across modalities the norms differ).
+  got = search.run_query(emb, None, k=5, measure="euclidean", text="the number three",
+                         normalize=True)
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+  want_v, want_rows = search.top_k(unit(space.embed("text", ["the number three"])),
+                                   unit(emb.embeddings), measure="euclidean", k=5)
+  assert got["rows"] == want_rows[0].tolist()
+  np.testing.assert_allclose(got["values"], want_v[0], rtol=1e-5)
+  plain = search.run_query(emb, None, k=5, measure="euclidean", text="the number three")
+  assert max(got["values"]) <= 2 and not np.allclose(plain["values"], got["values"])
   # A recording searches them too (ImageBind's audio encoder is bound to the images).
   got = search.run_query(emb, str(folder / "unnamed.wav"), k=3, measure="cosine")
   want_v, want_rows = search.top_k(space.embed("audio", [split.audio[6]]), emb.embeddings,
