@@ -194,7 +194,8 @@ def open_data(space: MultimodalSpace, modality: str, spec: str, *,
   recordings, the training or held-out captions), with digit labels. Otherwise, for images, what
   `inputs.open_items` opens (a dataset, a folder, a `.npy`); for audio, a folder of `.wav`
   files (a name starting `<digit>_`, as FSDD's, gives the label); for text, a `.txt` file of one
-  caption per line.
+  caption per line. Everything is read into memory (these data sets hold thousands of small
+  items); `inference.TrainedModel.embed_stream` is the streaming path of the image models.
 
   Raises:
     ValueError, FileNotFoundError: a spec that names nothing of the modality (says what it takes).
