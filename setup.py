@@ -51,6 +51,8 @@ setuptools.setup(
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",
+            # tests/conftest.py: pytest-xdist workers share the smoke workdirs they train once.
+            "filelock>=3.12",
         ],
     },
 )

@@ -28,9 +28,31 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 import pytest  # noqa: E402
 
 
+def _trained_once(tmp_path_factory, name: str, train) -> str:
+  """`train(workdir)` run once per test run, shared by every pytest-xdist worker.
+
+  The workdir lives in the run's base temporary directory (the parent of each worker's), and a
+  file lock makes the first worker to ask train it while the others wait for it, instead of every
+  worker training its own copy on the same 2 cores. Tests only read these workdirs.
+  """
+  from filelock import FileLock
+
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # .../pytest-N, shared by the workers of this run only
+  workdir, done = root / name, root / f"{name}.done"
+  with FileLock(str(root / f"{name}.lock")):
+    if not done.exists():
+      shutil.rmtree(workdir, ignore_errors=True)  # a half-written one from a crashed worker
+      workdir.mkdir()
+      train(str(workdir))
+      done.touch()
+  return str(workdir)
+
+
 @pytest.fixture(scope="session")
 def smoke_workdir(tmp_path_factory):
-  """A VICReg `:smoke` training workdir (checkpoints at steps 3 and 6), trained once per process.
+  """A VICReg `:smoke` training workdir (checkpoints at steps 3 and 6), trained once per run.
 
   The kNN monitor and the end-of-training evaluation are skipped: the tests that use the workdir
   measure what they need (~20 s instead of ~40 s on 2 cores).
@@ -38,17 +60,17 @@ def smoke_workdir(tmp_path_factory):
   from configs import vicreg
   from embedspace import train
 
-  workdir = str(tmp_path_factory.mktemp("smoke_run"))
-  config = vicreg.get_config("smoke")
-  config.eval_every = 0
-  config.eval.at_end = False
-  assert train.train_and_evaluate(config, workdir) == {}
-  return workdir
+  def run(workdir):
+    config = vicreg.get_config("smoke")
+    config.eval_every = 0
+    config.eval.at_end = False
+    assert train.train_and_evaluate(config, workdir) == {}
+  return _trained_once(tmp_path_factory, "smoke_run", run)
 
 
 @pytest.fixture(scope="session")
 def imagebind_smoke_workdir(tmp_path_factory):
-  """An ImageBind `:smoke` workdir (image, audio and text encoders), trained once per process.
+  """An ImageBind `:smoke` workdir (image, audio and text encoders), trained once per run.
 
   The frozen encoders of the interfaces over embeddings (PaLM-E-style, FIND-style) load it with
   `embedspace.multimodal.train.load_workdir`.
@@ -56,8 +78,8 @@ def imagebind_smoke_workdir(tmp_path_factory):
   from configs import imagebind
   from embedspace.multimodal import train as mm_train
 
-  workdir = str(tmp_path_factory.mktemp("imagebind_smoke"))
-  config = imagebind.get_config("smoke")
-  config.eval.plots = False
-  mm_train.train_and_evaluate(config, workdir)
-  return workdir
+  def run(workdir):
+    config = imagebind.get_config("smoke")
+    config.eval.plots = False
+    mm_train.train_and_evaluate(config, workdir)
+  return _trained_once(tmp_path_factory, "imagebind_smoke", run)
