@@ -11,9 +11,9 @@ class-similarity means are exact in closed form, `mean_{i in a, j in b} cos(x_i,
 s_a . s_b / (n_a n_b)` with `s_a` the sum of the unit vectors of class `a`.
 
 The pictures are drawn by `embedspace.plots` (matplotlib PNGs, Agg backend, no display
-needed); `write_markdown` assembles `report.md` from the numbers and the PNGs. The 2-D maps use PCA (numpy SVD) and t-SNE from
-scikit-learn when it is installed (`pip install scikit-learn`); without it the t-SNE panel is
-skipped and the report says so.
+needed); `write_markdown` assembles `report.md` from the numbers and the PNGs. The 2-D maps use
+PCA (numpy SVD) and t-SNE from scikit-learn when it is installed (`pip install scikit-learn`);
+without it the t-SNE panel is skipped and the report says so.
 """
 
 from __future__ import annotations
