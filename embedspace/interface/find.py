@@ -181,9 +181,12 @@ def forward(model: FindModel, params: Any, frozen: Any, canvas: jax.Array,
 
 def select_query(out: dict[str, jax.Array], prompt: jax.Array) -> jax.Array:
   """FIND's grounding by matching: the query `[B]` whose prompt-space embedding is closest (cosine)
-  to the prompt `[B, D]`, among the queries that claim an object (all of them if none does)."""
-  sims = jnp.einsum("bqd,bd->bq", out["query_embed"],
-                    prompt / jnp.maximum(jnp.linalg.norm(prompt, axis=-1, keepdims=True), 1e-6))
+  to the prompt `[B, D]`, among the queries that claim an object (all of them if none does).
+
+  The query embeddings are unit vectors, so the largest dot product with a row's prompt is its
+  largest cosine: the prompt's own norm does not change the choice.
+  """
+  sims = jnp.einsum("bqd,bd->bq", out["query_embed"], prompt)
   live = out["objectness"] > 0
   live = jnp.where(jnp.any(live, axis=1, keepdims=True), live, True)
   return jnp.argmax(jnp.where(live, sims, -jnp.inf), axis=1)

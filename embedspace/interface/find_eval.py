@@ -157,19 +157,15 @@ def evaluate_run(config: ml_collections.ConfigDict, env: dict[str, Any], params:
     mask = upsample(out["prompt_mask"] > 0, s)
     mask_box = np.stack([scenes_lib.mask_box(m) for m in mask])
     report["interface"][modality] = {"grounding": {
-        "accuracy@iou0.5": float(np.mean(scenes_lib.box_iou(box, true_box) >= 0.5)),
-        "mean_box_iou": float(np.mean(scenes_lib.box_iou(box, true_box))),
+        **grounding_metrics(box, mask, true_box, true_mask),
         "accuracy@iou0.5 (box of the mask)": float(np.mean(
-            scenes_lib.box_iou(mask_box, true_box) >= 0.5)),
-        "mask_iou": float(np.mean(scenes_lib.mask_iou(mask, true_mask)))}}
+            scenes_lib.box_iou(mask_box, true_box) >= 0.5))}}
     # The same outputs, grounded by matching: the query closest to the prompt, its mask's box.
     chosen = np.asarray(find.select_query(out, jnp.asarray(prompt)))
     qmask = upsample(out["query_masks"][np.arange(len(chosen)), chosen] > 0, s)
     qbox = np.stack([scenes_lib.mask_box(m) for m in qmask])
-    report["interface_query_match"][modality] = {"grounding": {
-        "accuracy@iou0.5": float(np.mean(scenes_lib.box_iou(qbox, true_box) >= 0.5)),
-        "mean_box_iou": float(np.mean(scenes_lib.box_iou(qbox, true_box))),
-        "mask_iou": float(np.mean(scenes_lib.mask_iou(qmask, true_mask)))}}
+    report["interface_query_match"][modality] = {
+        "grounding": grounding_metrics(qbox, qmask, true_box, true_mask)}
     # Baselines: the best window / the best true crop for each prompt.
     best = np.argmax(np.einsum("pwd,pd->pw", win[scene_of], mm_evaluate.unit(prompt)), axis=1)
     wmask = np.zeros_like(true_mask)
@@ -183,10 +179,7 @@ def evaluate_run(config: ml_collections.ConfigDict, env: dict[str, Any], params:
     for name, b, m in (("baseline_windows", wbox, wmask), ("baseline_oracle_crops",
                                                            sc.boxes[scene_of, ok],
                                                            sc.masks[scene_of, ok])):
-      report[name][modality] = {"grounding": {
-          "accuracy@iou0.5": float(np.mean(scenes_lib.box_iou(b, true_box) >= 0.5)),
-          "mean_box_iou": float(np.mean(scenes_lib.box_iou(b, true_box))),
-          "mask_iou": float(np.mean(scenes_lib.mask_iou(m, true_mask)))}}
+      report[name][modality] = {"grounding": grounding_metrics(b, m, true_box, true_mask)}
     examples[modality] = (pick, box, qbox, wbox)
 
     # Retrieval: every eval prompt of the modality against every scene.
@@ -216,6 +209,15 @@ def evaluate_run(config: ml_collections.ConfigDict, env: dict[str, Any], params:
     if ev.plots:
       plot_examples(sc, examples, env, scene_of, slot_of, os.path.join(out_dir, "examples.png"))
   return report
+
+
+def grounding_metrics(box: np.ndarray, mask: np.ndarray, true_box: np.ndarray,
+                      true_mask: np.ndarray) -> dict[str, float]:
+  """Accuracy at box IoU >= 0.5, mean box IoU and mean mask IoU of predictions `[P, 4]`,
+  `[P, S, S]` against the prompted items' true boxes and masks."""
+  iou = scenes_lib.box_iou(box, true_box)
+  return {"accuracy@iou0.5": float(np.mean(iou >= 0.5)), "mean_box_iou": float(np.mean(iou)),
+          "mask_iou": float(np.mean(scenes_lib.mask_iou(mask, true_mask)))}
 
 
 def resolution_ceiling(sc: scenes_lib.Scenes, mask_size: int) -> float:

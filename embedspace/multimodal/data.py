@@ -16,6 +16,7 @@ orbax checkpoint like a grain iterator's), and each process augments only its ro
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import glob
@@ -266,7 +267,7 @@ def batch_keys(pairs: tuple[tuple[str, str], ...], *, views: int) -> list[tuple[
   return keys
 
 
-class StepSampler:
+class StepSampler(abc.ABC):
   """Batches that are a function of (seed, step): iterate them, checkpoint only the step.
 
   Subclasses set `self.seed` and `self.step` and define `batch(step)`. `get_state`/`set_state`
@@ -276,8 +277,9 @@ class StepSampler:
   seed: int
   step: int
 
+  @abc.abstractmethod
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    raise NotImplementedError
+    """The global batch's rows of this process at `step`."""
 
   def __iter__(self):
     return self

@@ -54,16 +54,19 @@ def embed_split(apply_fn: Any, split: data_lib.Split, *, modalities: tuple[str, 
   `batch_size` rows, so each modality compiles once.
   """
   inputs = {"image": split.image, "audio": split.audio, "text": split.text}
-  out = {}
-  for m in modalities:
-    x, parts = inputs[m], []
-    for start in range(0, len(x), batch_size):
-      chunk = x[start:start + batch_size]
-      pad = np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)
-      parts.append(np.asarray(apply_fn(m, jnp.asarray(np.concatenate([chunk, pad]))))[
-          :len(chunk)])
-    out[m] = np.concatenate(parts).astype(np.float32)
-  return out
+  return {m: embed_array(apply_fn, m, inputs[m], batch_size=batch_size) for m in modalities}
+
+
+def embed_array(apply_fn: Any, modality: str, x: np.ndarray, *, batch_size: int) -> np.ndarray:
+  """`apply_fn(modality, batch)` over the rows of the encoder input `x` (at least one), in
+  batches padded to `batch_size` rows (one compile); float32 `[n, D]`."""
+  parts = []
+  for start in range(0, len(x), batch_size):
+    chunk = x[start:start + batch_size]
+    pad = np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)
+    parts.append(np.asarray(apply_fn(modality, jnp.asarray(np.concatenate([chunk, pad]))))[
+        :len(chunk)])
+  return np.concatenate(parts).astype(np.float32)
 
 
 def make_embed_fn(model: models.MultimodalModel, variables: Any):

@@ -36,13 +36,12 @@ import re
 import wave
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from embedspace import data as data_lib
 from embedspace.multimodal import audio as audio_lib
 from embedspace.multimodal import data as mm_data
+from embedspace.multimodal import evaluate as mm_evaluate
 from embedspace.multimodal import text as text_lib
 
 METHODS = ("clip", "imagebind", "decur")
@@ -79,8 +78,7 @@ class MultimodalSpace:
 
   @functools.cached_property
   def _apply(self):
-    return jax.jit(lambda v, m, x: self.model.apply(v, m, x, train=False, method="embed")[1],
-                   static_argnums=1)
+    return mm_evaluate.make_embed_fn(self.model, self.variables)
 
   def prepare(self, modality: str, items: Any) -> np.ndarray:
     """The encoder input for raw `items` of `modality` (see the module docstring).
@@ -120,14 +118,9 @@ class MultimodalSpace:
   def embed(self, modality: str, items: Any) -> np.ndarray:
     """Joint-space embeddings float32 `[n, D]` of raw `items` (see `prepare`)."""
     x = self.prepare(modality, items)
-    parts = []
-    for start in range(0, len(x), self.batch_size):
-      chunk = x[start:start + self.batch_size]
-      pad = np.zeros((self.batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)
-      out = self._apply(self.variables, modality, jnp.asarray(np.concatenate([chunk, pad])))
-      parts.append(np.asarray(out)[:len(chunk)])
-    return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, self.dim),
-                                                                           np.float32)
+    if not len(x):
+      return np.zeros((0, self.dim), np.float32)
+    return mm_evaluate.embed_array(self._apply, modality, x, batch_size=self.batch_size)
 
 
 def load(workdir: str, *, batch_size: int = 256) -> MultimodalSpace:
