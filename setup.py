@@ -10,8 +10,15 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["embedspace", "embedspace.*"]),
-    package_data={"embedspace.data": ["assets/*/*"], "embedspace.multimodal": ["assets/*/*"]},
+    package_data={"embedspace": ["py.typed"], "embedspace.data": ["assets/*/*"],
+                  "embedspace.multimodal": ["assets/*/*"]},
     include_package_data=True,
+    entry_points={"console_scripts": [
+        "embedspace-train=embedspace.main:run",
+        "embedspace-evaluate=embedspace.evaluate:run",
+        "embedspace-embed=embedspace.embed:run",
+        "embedspace-search=embedspace.search:run",
+    ]},
     # Lower bounds are the versions verified on Python 3.11 (see ../shared/STACK.md).
     install_requires=[
         "jax>=0.10.2",

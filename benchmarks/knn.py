@@ -7,7 +7,7 @@ A database of 60,000 and 10,000 queries of 128-d float32 Gaussian vectors (as th
 kNN classifier sees: a training set of embeddings, queried by the test set), k = 20 neighbours,
 cosine similarity and Euclidean distance:
 
-- embedspace: `embedspace.search.top_k` (the compiled `geometry.top_k` over blocks of 1,024
+- embedspace: `embedspace.space.search.top_k` (the compiled `geometry.top_k` over blocks of 1,024
   queries and 4,096 keys, the blocks the evaluation's kNN uses), on JAX's default backend;
 - faiss-cpu `IndexFlatIP` on L2-normalised vectors (cosine) and `IndexFlatL2` (Euclidean);
 - scikit-learn `NearestNeighbors(algorithm="brute", metric="cosine" | "euclidean", n_jobs=-1)`.
@@ -31,7 +31,7 @@ if __package__ in (None, ""):
       __import__("os").path.abspath(__file__))))
 
 from benchmarks import common
-from embedspace import search
+from embedspace.space import search
 
 TIE_RTOL = 1e-5
 

@@ -13,7 +13,8 @@ inputs (`jax.ShapeDtypeStruct`, so no batch is allocated), and two things are re
   algorithm, `(n-1)/n` of the buffer for an all-gather or a reduce-scatter and `2(n-1)/n` for an
   all-reduce. These are the bytes an interconnect must move, whatever its speed.
 
-Programs: the real training step (`train.make_parallel_step`) of the default configs
+Programs: the real training step (`core.step.make_parallel_step` of the step `core.train`
+builds from the SSL task's loss) of the default configs
 `configs/vicreg.py` and `configs/simclr.py` (the same encoder; SimCLR's projector ends at 128-d
 and its loss is InfoNCE over gathered negatives), and the two contrastive losses alone (`losses.info_nce`, `losses.clip_loss`, value and gradient) at global
 batches up to 65,536. The step's embedding-health metrics, computed only every `log_every` steps
@@ -47,7 +48,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import simclr, vicreg  # noqa: E402
-from embedspace import losses, optim, parallel, train  # noqa: E402
+from embedspace import losses, methods, parallel  # noqa: E402
+from embedspace.core import optim  # noqa: E402
+from embedspace.core import step as step_lib  # noqa: E402
+from embedspace.core import train as core_train  # noqa: E402
+from embedspace.ssl import task as ssl_task  # noqa: E402
 
 DEVICE_COUNTS = (1, 2, 4, 8)
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
@@ -142,7 +147,7 @@ def cost_of(compiled: Any, num_devices: int) -> Cost:
 
 
 def _no_health(z1: jax.Array, z2: jax.Array, *, axis_name: str | None) -> dict[str, jax.Array]:
-  """Stand-in for `train.embedding_health` (a log-step cost, not a per-step one)."""
+  """Stand-in for `ssl.task.embedding_health` (a log-step cost, not a per-step one)."""
   del z2, axis_name
   return {k: jnp.zeros((), z1.dtype) for k in (
       "health/embedding_std", "health/effective_rank", "health/alignment", "health/uniformity",
@@ -153,21 +158,27 @@ def train_step_cost(method: str, num_devices: int, global_batch: int) -> tuple[C
   """Cost of the default config's training step; also returns the parameter count."""
   config = {"vicreg": vicreg, "simclr": simclr}[method].get_config()
   config.batch_size = global_batch
-  model = train.build_model(config)
-  tx = optim.make_optimizer(config)
-  size = config.data.image_size
-  state = jax.eval_shape(lambda: train.create_train_state(config, model, tx, (size, size, 1)))
   mesh = parallel.make_mesh(jax.devices()[:num_devices])
+  # What `core.train.prepare` builds, with the state abstract: nothing is initialised or run.
+  task = methods.task(config.method)
+  task.validate(config)
+  setup = task.setup(config, mesh)
+  tx = optim.make_optimizer(config)
+  state = jax.eval_shape(lambda: core_train.initial_state(config, setup, tx))
+  size = config.data.image_size
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                       sharding=parallel.replicated(mesh)), state)
   view = jax.ShapeDtypeStruct((global_batch, size, size, 1), jnp.float32,
                               sharding=parallel.batch_sharded(mesh))
-  real_health, train.embedding_health = train.embedding_health, _no_health
+  real_health, ssl_task.embedding_health = ssl_task.embedding_health, _no_health
   try:
-    step = train.make_parallel_step(mesh, model=model, tx=tx, config=config)
+    train_step = step_lib.make_train_step(setup.loss_fn, tx=tx,
+                                          skip_nonfinite=config.skip_nonfinite,
+                                          metrics_fn=setup.metrics_fn, ema=setup.ema)
+    step = step_lib.make_parallel_step(mesh, train_step)
     compiled = step.lower(state, {"view1": view, "view2": view}).compile()
   finally:
-    train.embedding_health = real_health
+    ssl_task.embedding_health = real_health
   return cost_of(compiled, num_devices), sum(x.size for x in jax.tree.leaves(state.params))
 
 

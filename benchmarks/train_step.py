@@ -7,9 +7,10 @@ What is timed is one full optimisation step on a batch of image pairs already in
 input pipeline): encoder and projector on both views, the VICReg loss, the backward pass and
 the AdamW update.
 
-- embedspace: `train.make_parallel_step` of `configs/vicreg.py` (its ResNet `small`, its
-  1024-1024-1024 projector, batch 256 pairs, AdamW with weight decay on kernels only) on the
-  1-device mesh of JAX's default backend: the compiled program `python -m embedspace.main` runs.
+- embedspace: the step `core.train.prepare` builds for `configs/vicreg.py`, compiled by
+  `Prepared.parallel_step` (its ResNet `small`, its 1024-1024-1024 projector, batch 256 pairs,
+  AdamW with weight decay on kernels only) on the 1-device mesh of JAX's default backend: the
+  compiled program `python -m embedspace.main` runs.
 - reference: the same network written in PyTorch (CIFAR stem, BasicBlocks with zero-initialised
   last BN and 1x1 projection shortcuts, Linear-BN-ReLU projector without biases, BN momentum 0.1
   = flax's 0.9, eps 1e-5), lightly's `VICRegLoss` (25, 25, 1), `torch.optim.AdamW` with the same
@@ -37,9 +38,9 @@ if __package__ in (None, ""):
 
 from benchmarks import common
 from configs import vicreg as vicreg_config
-from embedspace import optim
+from embedspace import methods
 from embedspace import parallel
-from embedspace import train
+from embedspace.core import train as core_train
 
 
 def cost(compiled: Any) -> tuple[float, float]:
@@ -71,12 +72,10 @@ def matmul_peak(n: int, repeats: int, device: str) -> dict[str, dict[str, Any]]:
 def jax_step(config, batch_np: dict[str, np.ndarray]):
   """embedspace's compiled step (a blocking closure over its state) and its XLA cost."""
   mesh = parallel.make_mesh(jax.devices()[:1])
-  model = train.build_model(config)
-  tx = optim.make_optimizer(config)
-  state = parallel.replicate(mesh, train.create_train_state(
-      config, model, tx, batch_np["view1"].shape[1:]))
+  run = core_train.prepare(methods.task(config.method), config, mesh)
+  state = parallel.replicate(mesh, run.state)
   batch = parallel.shard_batch(mesh, batch_np)
-  p_step = train.make_parallel_step(mesh, model=model, tx=tx, config=config)
+  p_step = run.parallel_step(mesh)
   flops_bytes = cost(p_step.lower(state, batch).compile())
   holder = {"state": state}
 
@@ -88,7 +87,7 @@ def jax_step(config, batch_np: dict[str, np.ndarray]):
 
 
 def torch_model(config):
-  """The PyTorch twin of `train.build_model(config)` (encoder + projector)."""
+  """The PyTorch twin of `ssl.task.build_model(config)` (encoder + projector)."""
   from torch import nn
 
   class Block(nn.Module):

@@ -1,1 +1,1 @@
-"""Experiment configs: plain ml_collections, one file per method, run from the repository root."""
+"""Experiment configs: plain ml_collections, one file per method; each runs from any directory."""

@@ -4,7 +4,7 @@
   python -m embedspace.main --config=configs/barlow.py:smoke
 """
 
-from configs import common
+from embedspace.config_lib import ssl as common
 
 
 def get_config(arg: str | None = None):

@@ -7,7 +7,7 @@ Image-text contrastive training (`losses.clip_loss`) with the learnable logit sc
 initialised at log(1/0.07) and clamped at 100, linear projections into a 64-d joint space.
 """
 
-from configs import multimodal_common as common
+from embedspace.config_lib import multimodal as common
 
 
 def get_config(arg: str | None = None):

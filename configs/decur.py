@@ -13,7 +13,7 @@ with `barlow_twins_loss` between the modalities (every dim common, one view each
 speaker identity from the audio's unique vs. its common dims.
 """
 
-from configs import multimodal_common as common
+from embedspace.config_lib import multimodal as common
 
 
 def get_config(arg: str | None = None):

@@ -15,13 +15,13 @@ crops directly (`find_eval.py`).
 
 import ml_collections
 
-from configs import multimodal_common as common
+from embedspace.config_lib import multimodal as common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variants = common.parse_variants(arg, ())
   c = ml_collections.ConfigDict()
-  c.method = "find"  # main.py dispatches on it
+  c.method = "find"  # embedspace.methods maps it to its task
   c.encoders_workdir = "workdirs/imagebind"  # a trained ImageBind run (image, audio, text)
   c.prompts = ("text", "audio")  # prompt modalities, drawn uniformly per training scene
   c.seed = 0

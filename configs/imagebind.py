@@ -15,7 +15,7 @@ scratch, jointly (there is no pre-trained digit CLIP to start from).
 
 import math
 
-from configs import multimodal_common as common
+from embedspace.config_lib import multimodal as common
 
 
 def get_config(arg: str | None = None):

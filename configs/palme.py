@@ -17,13 +17,13 @@ each encoder's output before its ImageBind head instead of the joint-space embed
 
 import ml_collections
 
-from configs import multimodal_common as common
+from embedspace.config_lib import multimodal as common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variants = common.parse_variants(arg, ("text_only", "features"))
   c = ml_collections.ConfigDict()
-  c.method = "palme"  # main.py dispatches on it
+  c.method = "palme"  # embedspace.methods maps it to its task
   c.encoders_workdir = ml_collections.config_dict.placeholder(str)  # a trained ImageBind run
   c.seed = 0
 

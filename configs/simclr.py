@@ -5,7 +5,7 @@
   python -m embedspace.main --config=configs/simclr.py --config.loss.similarity=arc_length
 """
 
-from configs import common
+from embedspace.config_lib import ssl as common
 
 
 def get_config(arg: str | None = None):

@@ -5,7 +5,7 @@
   python -m embedspace.main --config=configs/vicreg.py --config.optimizer.base_lr=0.2
 """
 
-from configs import common
+from embedspace.config_lib import ssl as common
 
 
 def get_config(arg: str | None = None):

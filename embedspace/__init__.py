@@ -1,7 +1,9 @@
 """embedspace: learning and measuring embedding spaces in JAX/Flax.
 
-`embedspace.load(workdir)` returns a trained model ready to embed raw images
-(`embedspace.inference.load`); it is imported on first use, so `import embedspace` stays cheap.
+`embedspace.load(workdir)` returns the space of any finished run, whatever method made it
+(`embedspace.methods.load`): a trained image encoder ready to embed raw images, or a multimodal
+space with `embed(modality, items)`. It is imported on first use, so `import embedspace` stays
+cheap.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-  from embedspace.inference import load
+  from embedspace.methods import load
 
 __version__ = "0.1.0"
 __all__ = ["load"]
@@ -17,6 +19,6 @@ __all__ = ["load"]
 
 def __getattr__(name: str) -> Any:
   if name == "load":
-    from embedspace.inference import load as load_fn  # jax, flax, orbax: seconds to import.
+    from embedspace.methods import load as load_fn  # jax, flax, orbax: seconds to import.
     return load_fn
   raise AttributeError(f"module 'embedspace' has no attribute {name!r}")

@@ -22,8 +22,9 @@ import sys
 import time
 from typing import Any
 
-from embedspace import inputs, store
-from embedspace.cli import fail
+from embedspace.space import inputs
+from embedspace.space import store
+from embedspace.core.cli import fail
 
 
 def embed_items(model: Any, items: inputs.Items, path: str, *, output: str = "encoder",
@@ -31,7 +32,7 @@ def embed_items(model: Any, items: inputs.Items, path: str, *, output: str = "en
   """Embeds every item with `model` into the embeddings file `path` (and its sidecar).
 
   Args:
-    model: an `inference.TrainedModel` (`embedspace.load(workdir)`).
+    model: a `space.image.TrainedModel` (`embedspace.load(workdir)`).
     items: what to embed (`inputs.open_items`).
     path: the `.npz` to write (its folder is created).
     output: "encoder" or "projector".
@@ -48,7 +49,7 @@ def embed_items(model: Any, items: inputs.Items, path: str, *, output: str = "en
   """
   from tqdm import tqdm
 
-  from embedspace.inference import ImageError
+  from embedspace.space.image import ImageError
 
   if not len(items):
     raise ValueError("there is nothing to embed: the data holds no images.")
@@ -101,8 +102,9 @@ def default_out(workdir: str, data: str, output: str) -> str:
 def main(argv: list[str]) -> None:
   from absl import flags
 
-  from embedspace import inference
+  from embedspace import methods  # After flag parsing: --help stays fast.
   from embedspace.multimodal import space as space_lib
+  from embedspace.space import image as inference
 
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
@@ -116,7 +118,7 @@ def main(argv: list[str]) -> None:
   if f.output not in inference.OUTPUTS:
     fail(f"--output={f.output}: valid outputs are {', '.join(inference.OUTPUTS)}")
   try:
-    model = inference.load(f.workdir, batch_size=f.batch_size)
+    model = methods.load(f.workdir, batch_size=f.batch_size)
     items = inputs.open_items(f.data, channels=model.channels, data_dir=f.data_dir,
                               labels=f.labels)
     out = f.out or default_out(model.workdir, f.data, f.output)
@@ -131,8 +133,8 @@ def main(argv: list[str]) -> None:
 
 def _embed_multimodal(f: Any) -> None:
   """`main` for a CLIP, ImageBind or DeCUR workdir: one modality into the joint space."""
-  from embedspace import inference
-  from embedspace.multimodal import space as space_lib
+  from embedspace.multimodal import space as space_lib  # After flag parsing: --help stays fast.
+  from embedspace.space import image as inference
 
   if f.modality is None:
     fail(f"--modality: {f.workdir} is a multimodal run; pass --modality=image, audio or text")
@@ -172,9 +174,14 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(["workdir", "data"])
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The console script `embedspace-embed` (the same as `python -m embedspace.embed`)."""
   from absl import app
 
-  from embedspace.cli import parse_flags
+  from embedspace.core.cli import parse_flags
   _define_flags()
   app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,427 +1,82 @@
-"""Evaluate a trained embedding space: `python -m embedspace.evaluate --workdir=DIR`.
+"""Evaluate any finished run again: `python -m embedspace.evaluate --workdir=DIR`.
 
-The orchestrator of the evaluation, run at the end of every training run (`evaluate_run`) and on
-any training workdir from the command line. It embeds the train and eval splits once with the
-jitted encoder over every device (`inference.embed`: the same `jax.jit(jax.shard_map(...))`
-path as training, fixed-size padded batches, padding rows dropped), then measures the space with
-the modules that own each concern:
+  python -m embedspace.evaluate --workdir=workdirs/vicreg                  # report in DIR/eval
+  python -m embedspace.evaluate --workdir=workdirs/vicreg --ood_dataset='' --notsne
+  python -m embedspace.evaluate --workdir=workdirs/imagebind --out_dir=/tmp/imagebind_eval
+  python -m embedspace.evaluate --workdir=workdirs/find
 
-- `probes`: the weighted kNN monitor (Wu et al. 2018; DINO) and the linear probe;
-- `retrieval`: kNN accuracy and retrieval (mAP, recall@k) under every measure of the founding
-  note (Hamming on SimHash codes, Manhattan, Euclidean, cosine, negative arc length, Mahalanobis);
-- `ood`: out-of-distribution detection against MNIST digits (Lee et al. 2018; Sun et al. 2022);
-- `report`: hypersphere geometry (Wang & Isola 2020), collapse checks, PNGs and `report.md`.
-
-Everything pairwise is blockwise (queries in blocks against key blocks), so memory grows with
-`block * N`, never `N * N`. Each space is measured beside the same baselines: raw pixels and the
-randomly initialised encoder, because a number means little without them.
+The workdir's method (its `config.json`) names the task (`embedspace.methods`), whose evaluation
+runs on the newest intact checkpoint exactly as at the end of training
+(`core.train.evaluate_workdir`): for an image method kNN, linear probe, retrieval under every
+measure, OOD and geometry beside raw pixels and the random encoder (`ssl.evaluate`); for
+CLIP/ImageBind/DeCUR zero-shot, retrieval and emergent alignment; for the interfaces their
+accuracy against baselines. The flags below the first two set the image evaluation's options.
+Exit codes: 0 done, 2 bad input (one line `error: ...`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import os
 import sys
-import time
-from collections.abc import Iterable, Mapping
-from typing import Any
 
-import jax
-import numpy as np
-from absl import logging
-from jax.sharding import Mesh
+from absl import flags
 
-from embedspace import ood, parallel, plots, report as report_lib, retrieval
-from embedspace.inference import LOAD_ERRORS, embed, load_workdir
-from embedspace.probes import knn_classify, knn_predict, linear_probe
+from embedspace.core.cli import fail
 
-__all__ = ["embed", "evaluate_run", "knn_classify", "knn_predict", "linear_probe",
-           "load_workdir", "evaluate_workdir"]
-
-
-# ----------------------------------------------------------------------------------------------
-# The evaluation of a training run: trained model beside its two baselines.
-
-OOD_DATASET = "embedded_mnist"
-"""Out-of-distribution data of the default run: the MNIST test digits shipped in the package."""
-
-_MAP_POINTS = 2000
-"""Eval points drawn in the 2-D maps (t-SNE costs ~10 s per space for 2k points on 2 cores)."""
-
-
-def _raw_pixels(loader: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  """Flattened normalised pixels and labels of every real row of `loader` (a baseline)."""
-  images, labels = [], []
-  for batch in map(parallel.process_allgather_batch, loader):
-    mask = np.asarray(batch["mask"]).astype(bool)
-    images.append(np.asarray(batch["image"])[mask].reshape(int(mask.sum()), -1))
-    labels.append(np.asarray(batch["label"])[mask])
-  pixels = np.concatenate(images).astype(np.float32)
-  return {"features": pixels, "labels": np.concatenate(labels)}
-
-
-def _subsample(split: dict[str, np.ndarray], limit: int) -> dict[str, np.ndarray]:
-  if not limit or len(split["labels"]) <= limit:
-    return split
-  return {k: v[:limit] for k, v in split.items()}
-
-
-def _scores(train: dict[str, np.ndarray], test: dict[str, np.ndarray], key: str, *,
-            num_classes: int, config: Any, probe: bool = True) -> dict[str, float]:
-  knn = knn_classify(train[key], train["labels"], test[key], test["labels"],
-                     num_classes=num_classes, k=config.eval.knn_k,
-                     temperature=config.eval.knn_temperature, metric="cosine")
-  scores = {"knn_accuracy": float(knn)}
-  if probe:
-    fit = linear_probe(train[key], train["labels"], test[key], test["labels"],
-                       num_classes=num_classes)
-    scores.update(linear_probe_accuracy=float(fit["accuracy"]),
-                  linear_probe_l2=float(fit["best_l2"]))
-  return scores
-
-
-class _Renormalized:
-  """`source` read as it is, but with another dataset's normalisation in its `.info`.
-
-  Out-of-distribution images must go through the in-distribution pipeline: normalising MNIST
-  with its own mean and std would move it towards Fashion-MNIST before the model sees it.
-  """
-
-  def __init__(self, source: Any, like: Any):
-    self.source = source
-    self.info = dataclasses.replace(source.info, mean=like.mean, std=like.std)
-
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return self.source[index]
-
-
-def _two_views(config: Any, source: Any, apply_fn: Any, variables: Any, mesh: Mesh, *,
-               max_points: int) -> dict[str, np.ndarray] | None:
-  """Two augmented views (the training augmentation) of up to `max_points` eval images.
-
-  Returns `{"features1", "features2", "embeddings1", "embeddings2", "pixels1", "pixels2"}`
-  (row i of each pair shows the same image), or None when
-  the split is smaller than one batch per device.
-  """
-  from embedspace import data as data_lib
-
-  n_dev = mesh.devices.size
-  batch = min(config.eval.batch_size, len(source) // n_dev * n_dev)
-  if batch < n_dev:
-    return None
-  loader = data_lib.ssl_loader(source, global_batch_size=batch, seed=config.seed,
-                               image_size=config.data.image_size,
-                               augment=config.data.augment.to_dict(), num_epochs=1,
-                               shuffle=False)
-  views = {"view1": [], "view2": []}
-  for i, b in enumerate(loader):
-    if i * batch >= max_points:
-      break
-    for v in views:
-      views[v].append({"image": b[v], "label": b["label"]})
-  out = {}
-  for i, (v, batches) in enumerate(views.items(), start=1):
-    embedded = embed(apply_fn, variables, batches, mesh=mesh)
-    out[f"features{i}"] = embedded["features"]
-    out[f"embeddings{i}"] = embedded["embeddings"]
-    out[f"pixels{i}"] = np.concatenate(
-        [np.reshape(b["image"], (len(b["image"]), -1))
-         for b in map(parallel.process_allgather_batch, batches)]).astype(np.float32)
-  return out
-
-
-def evaluate_run(config: Any, model: Any, variables: Any, mesh: Mesh, *,
-                 init_variables: Any | None = None, knn_only: bool = False,
-                 full: bool = True, out_dir: str | None = None,
-                 ood_dataset: str | None = OOD_DATASET,
-                 code_lengths: tuple[int, ...] = retrieval.DEFAULT_CODE_LENGTHS,
-                 ood_k: int = 50, max_pair_points: int = 1024, tsne: bool = True,
-                 step: int | None = None, command: str = "") -> dict[str, Any]:
-  """The whole evaluation of an embedding model on `config.data`'s train and eval splits.
-
-  Embeds `config.data.train_split` (the kNN database, probe training set and OOD fit set; at
-  most `config.eval.max_train_examples` of it) and `config.data.eval_split` with the model in
-  inference mode, then measures the encoder features and the projector embeddings:
-
-  - "trained"/"random_init"/"raw_pixels": weighted cosine kNN (k=`config.eval.knn_k`) and the
-    linear probe; the baselines (raw pixels, the encoder at `init_variables`) when
-    `config.eval.baselines`.
-  - "measures": `{space: retrieval.measure_table(...)}`, kNN accuracy (majority vote) and
-    retrieval mAP / recall@1,5,10 under every measure, for encoder, projector and raw pixels.
-  - "ood": AUROC and FPR95 of every `ood.SCORES` score, eval split against `ood_dataset`'s test
-    split (read through the in-distribution normalisation), on encoder, projector and raw pixels.
-  - "geometry": `report.hypersphere_report` of the eval split per space (alignment of two
-    augmented views, uniformity, effective rank, dimension usage, geodesic distances,
-    class-similarity matrix, same- vs different-class separation per measure).
-
-  `knn_only` gives just the trained encoder's kNN accuracy, the cheap monitor run every
-  `config.eval_every` steps; `full=False` stops after the kNN and probe scores and their
-  baselines (the evaluation before "measures" existed, ~3x cheaper). With `out_dir`, process 0
-  also writes `report.json`, `report.md` and the PNGs there.
-
-  Args:
-    config: the training config (`config.data`, `config.eval`, `config.seed`).
-    model: the `EmbeddingModel` (its batch-norm axis is dropped for inference).
-    variables: `{"params", "batch_stats"}` of the trained model.
-    mesh: the data-parallel mesh.
-    init_variables: variables of the randomly initialised model (baseline), or None.
-    knn_only: only the trained encoder's cosine kNN accuracy.
-    full: also "measures", "ood" and "geometry" (and the pictures with `out_dir`).
-    out_dir: where to write the report and pictures (None: numbers only).
-    ood_dataset: the OOD dataset name for `data.get_source`, or None/"" to skip OOD.
-    code_lengths: bits of the Hamming (SimHash) codes.
-    ood_k: the neighbour of the kNN OOD score.
-    max_pair_points: points (and view pairs) used by the pair statistics of the geometry report.
-    tsne: draw t-SNE maps too (needs scikit-learn; ~10 s per space for 2k points).
-    step: the training step of `variables`, recorded in the report.
-    command: the command line, quoted in `report.md`.
-
-  Returns:
-    JSON-ready dict: "trained", "random_init", "raw_pixels", "num_train", "num_eval",
-    "measures", "ood", "geometry", "notes", "seconds" (and "step" when given).
-
-  Raises:
-    FileNotFoundError / ValueError: from `data.get_source` for a missing or unknown dataset.
-  """
-  from embedspace import data as data_lib  # Only the end-of-run evaluation reads datasets.
-
-  started = time.perf_counter()
-  splits, sources = {}, {}
-  for role, split in (("train", config.data.train_split), ("test", config.data.eval_split)):
-    source, info = data_lib.get_source(config.data.name, split=split,
-                                       data_dir=config.data.data_dir)
-    sources[role] = source
-    splits[role] = data_lib.eval_loader(source, batch_size=config.eval.batch_size,
-                                        image_size=config.data.image_size)
-  num_classes = info.num_classes
-  apply_fn = functools.partial(model.clone(bn_axis_name=None).apply, train=False)
-
-  def embedded(variables):
-    out = {role: embed(apply_fn, variables, loader, mesh=mesh) for role, loader in splits.items()}
-    return _subsample(out["train"], config.eval.max_train_examples), out["test"]
-
-  train, test = embedded(variables)
-  if knn_only:
-    return {"trained": {"encoder": _scores(train, test, "features", num_classes=num_classes,
-                                           config=config, probe=False)}}
-  result: dict[str, Any] = {
-      "trained": {"encoder": _scores(train, test, "features", num_classes=num_classes,
-                                     config=config),
-                  # kNN only: a probe on the wide projector output costs more than the
-                  # rest of the evaluation together, and the encoder is what transfers.
-                  "projector": _scores(train, test, "embeddings", num_classes=num_classes,
-                                       config=config, probe=False)},
-      "num_train": int(len(train["labels"])), "num_eval": int(len(test["labels"])),
-      "knn_k": int(config.eval.knn_k),
-  }
-  if step is not None:
-    result["step"] = int(step)
-  notes: list[str] = []
-  pixels = None
-  if config.eval.baselines:
-    if init_variables is not None:
-      train0, test0 = embedded(init_variables)
-      result["random_init"] = {"encoder": _scores(train0, test0, "features",
-                                                  num_classes=num_classes, config=config)}
-    pixels = (_subsample(_raw_pixels(splits["train"]), config.eval.max_train_examples),
-              _raw_pixels(splits["test"]))
-    result["raw_pixels"] = _scores(*pixels, "features", num_classes=num_classes, config=config)
-
-  if not full:
-    return result
-  spaces = {"encoder": (train["features"], test["features"]),
-            "projector": (train["embeddings"], test["embeddings"])}
-  if pixels is not None:
-    spaces["raw_pixels"] = (pixels[0]["features"], pixels[1]["features"])
-
-  # Every measure: kNN and retrieval.
-  t0 = time.perf_counter()
-  result["measures"] = {
-      space: retrieval.measure_table(tr, train["labels"], te, test["labels"],
-                                     num_classes=num_classes, k=config.eval.knn_k,
-                                     code_lengths=code_lengths, seed=config.seed)
-      for space, (tr, te) in spaces.items()}
-  logging.info("evaluate: measures in %.1f s", time.perf_counter() - t0)
-
-  # Out-of-distribution detection.
-  ood_scores = {}
-  if ood_dataset:
-    t0 = time.perf_counter()
-    out_source, out_info = data_lib.get_source(ood_dataset, split="test",
-                                               data_dir=config.data.data_dir)
-    if out_info.channels != info.channels:
-      notes.append(f"OOD skipped: {ood_dataset} has {out_info.channels} channels, "
-                   f"{config.data.name} {info.channels}.")
-    else:
-      out_loader = data_lib.eval_loader(_Renormalized(out_source, info),
-                                        batch_size=config.eval.batch_size,
-                                        image_size=config.data.image_size)
-      outside = embed(apply_fn, variables, out_loader, mesh=mesh)
-      out_spaces = {"encoder": outside["features"], "projector": outside["embeddings"]}
-      if pixels is not None:
-        out_spaces["raw_pixels"] = _raw_pixels(out_loader)["features"]
-      metrics = {}
-      for space, out_x in out_spaces.items():
-        tr, te = spaces[space]
-        metrics[space], ood_scores[space] = ood.evaluate_ood(
-            tr, train["labels"], te, out_x, num_classes=num_classes, k=ood_k)
-      result["ood"] = {"in_distribution": f"{config.data.name}:{config.data.eval_split}",
-                       "out_of_distribution": f"{ood_dataset}:test",
-                       "num_out": int(len(outside["labels"])), "k": ood_k, "metrics": metrics}
-      logging.info("evaluate: OOD in %.1f s: encoder %s", time.perf_counter() - t0,
-                   ood.summarize(metrics["encoder"]))
-
-  # Hypersphere geometry of the eval split.
-  t0 = time.perf_counter()
-  views = _two_views(config, sources["test"], apply_fn, variables, mesh,
-                     max_points=max_pair_points)
-  geometry_numbers, geometry_arrays = {}, {}
-  for space, key in (("encoder", "features"), ("projector", "embeddings"),
-                     ("raw_pixels", "pixels")):
-    if space not in spaces:
-      continue
-    geometry_numbers[space], geometry_arrays[space] = report_lib.hypersphere_report(
-        spaces[space][1], test["labels"], num_classes=num_classes,
-        view1=None if views is None else views[f"{key}1"],
-        view2=None if views is None else views[f"{key}2"],
-        max_points=max_pair_points, seed=config.seed)
-  if views is None:
-    notes.append("alignment skipped: the eval split is smaller than one batch per device.")
-  result["geometry"] = geometry_numbers
-  logging.info("evaluate: geometry in %.1f s", time.perf_counter() - t0)
-  result["notes"] = notes
-  result["seconds"] = time.perf_counter() - started
-
-  if out_dir and jax.process_index() == 0:
-    _write_report(result, out_dir, test=test, spaces=spaces, ood_scores=ood_scores,
-                  geometry_arrays=geometry_arrays, class_names=info.class_names, tsne=tsne,
-                  seed=config.seed, command=command)
-    result["seconds"] = time.perf_counter() - started
-  return result
-
-
-def _write_report(result: dict[str, Any], out_dir: str, *, test: dict[str, np.ndarray],
-                  spaces: dict[str, tuple[np.ndarray, np.ndarray]],
-                  ood_scores: dict[str, Any], geometry_arrays: dict[str, Any],
-                  class_names: tuple[str, ...], tsne: bool, seed: int,
-                  command: str) -> None:
-  """PNGs, `report.json` and `report.md` in `out_dir`."""
-  os.makedirs(out_dir, exist_ok=True)
-  path = lambda name: os.path.join(out_dir, name)
-  images = {}
-  images["Which classes sit close: mean cosine similarity between classes"] = (
-      plots.plot_class_similarity(
-          {s: a["class_similarity"] for s, a in geometry_arrays.items()}, class_names,
-          path("class_similarity.png")))
-  for space, arrays in geometry_arrays.items():
-    images[f"Same- vs different-class pairs under every measure ({space})"] = (
-        plots.plot_pair_histograms(
-            arrays["pairs"], result["geometry"][space]["same_vs_different_class_auroc"],
-            f"{space}: pair values on the eval split", path(f"measures_{space}.png")))
-  images["Geodesic distances on the hypersphere"] = plots.plot_geodesic(
-      {s: a["geodesic"] for s, a in geometry_arrays.items()}, path("geodesic.png"))
-  images["Dimension usage (collapse check)"] = plots.plot_dimensions(
-      {s: a["dimensions"] for s, a in geometry_arrays.items()}, path("dimensions.png"))
-  if ood_scores:
-    images["OOD scores and ROC curves"] = plots.plot_ood(
-        ood_scores, result["ood"]["metrics"], path("ood.png"))
-  idx = np.sort(np.random.default_rng(seed).permutation(len(test["labels"]))[:_MAP_POINTS])
-  maps = {}
-  for space, (_, te) in spaces.items():
-    maps[f"{space} PCA"] = report_lib.pca_2d(te[idx])
-  if tsne:
-    for space, (_, te) in spaces.items():
-      xy = report_lib.tsne_2d(te[idx], seed=seed)
-      if xy is None:
-        result["notes"].append("t-SNE skipped: scikit-learn is not installed "
-                               "(pip install scikit-learn).")
-        break
-      maps[f"{space} t-SNE"] = xy
-  images["2-D maps of the eval split"] = plots.plot_maps(
-      maps, test["labels"][idx], class_names, path("maps.png"))
-  with open(path("report.json"), "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=1)
-  report_lib.write_markdown(result, images, path("report.md"), command=command,
-                            class_names=class_names)
-
-
-# ----------------------------------------------------------------------------------------------
-# A training workdir.
-
-
-def evaluate_workdir(workdir: str, *, out_dir: str | None = None, mesh: Mesh | None = None,
-                     **kwargs: Any) -> dict[str, Any]:
-  """`evaluate_run` on the newest checkpoint of `workdir`; writes to `out_dir` (default DIR/eval).
-
-  The random-initialisation baseline is rebuilt from `config.seed` exactly as training built it.
-  Extra keyword arguments go to `evaluate_run`.
-
-  Raises:
-    As `load_workdir` and `evaluate_run`.
-  """
-  from embedspace import data as data_lib
-  from embedspace import optim, train
-
-  config, model, variables, step = load_workdir(workdir)
-  mesh = parallel.make_mesh() if mesh is None else mesh
-  init_variables = None
-  if config.eval.baselines:
-    _, info = data_lib.get_source(config.data.name, split=config.data.eval_split,
-                                  data_dir=config.data.data_dir)
-    shape = (config.data.image_size, config.data.image_size, info.channels)
-    state = train.create_train_state(config, model, optim.make_optimizer(config), shape)
-    init_variables = {"params": state.params, "batch_stats": state.batch_stats}
-  out_dir = out_dir or os.path.join(workdir, "eval")
-  return evaluate_run(config, model, variables, mesh, init_variables=init_variables,
-                      out_dir=out_dir, step=step, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line.
+SUMMARY_KEYS = ("trained", "random_init", "raw_pixels", "zero_shot", "retrieval", "probe",
+                "accuracy", "interface", "baseline_windows")
 
 
 def main(argv: list[str]) -> None:
-  from absl import flags
-
-  from embedspace.cli import fail
-
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
-  flags_ = flags.FLAGS
-  command = "python -m embedspace.evaluate " + " ".join(sys.argv[1:])
+  from embedspace import methods  # After flag parsing: --help stays fast.
+  from embedspace.core import train as core_train
+  from embedspace.core import workdirs
+  from embedspace.core.config_checks import ConfigError
+  from embedspace.space import image as image_space
+
+  f = flags.FLAGS
   try:
-    result = evaluate_workdir(
-        flags_.workdir, out_dir=flags_.out_dir, ood_dataset=flags_.ood_dataset or None,
-        tsne=flags_.tsne, max_pair_points=flags_.max_pair_points, command=command,
-        code_lengths=tuple(int(b) for b in flags_.code_lengths))
-  except LOAD_ERRORS as e:
+    task = methods.task(methods.method_of(f.workdir))
+    config = workdirs.read_config(f.workdir)
+    if "knn_k" in config.get("eval", {}):  # An image space: the evaluation's options apply.
+      with config.unlocked():
+        config.eval.full = True  # every measure, OOD, geometry and pictures, whatever trained
+        config.eval.command = "python -m embedspace.evaluate " + " ".join(sys.argv[1:])
+        for key in ("ood_dataset", "tsne", "max_pair_points", "code_lengths"):
+          if f[key].present or key not in config.eval:
+            value = f[key].value
+            config.eval[key] = tuple(int(b) for b in value) if key == "code_lengths" else value
+    report = core_train.evaluate_workdir(task, f.workdir, config=config, out_dir=f.out_dir)
+  except (*image_space.LOAD_ERRORS, ConfigError) as e:
     fail(str(e))
-  out_dir = flags_.out_dir or os.path.join(flags_.workdir, "eval")
-  enc = result["trained"]["encoder"]
-  print(f"step {result['step']}: encoder kNN {enc['knn_accuracy']:.4f}, linear probe "
-        f"{enc['linear_probe_accuracy']:.4f}; report in {out_dir}/report.md "
-        f"({result['seconds']:.0f} s)", flush=True)
+  out_dir = f.out_dir or os.path.join(f.workdir, "eval")
+  summary = {k: report[k] for k in SUMMARY_KEYS if k in report}
+  print(f"evaluation of {f.workdir} (report in {out_dir}): {json.dumps(summary)}", flush=True)
 
 
 def _define_flags() -> None:
-  from absl import flags
   flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).")
-  flags.DEFINE_string("out_dir", None, "Where report.md, report.json and PNGs go "
-                      "(default WORKDIR/eval).")
-  flags.DEFINE_string("ood_dataset", OOD_DATASET, "Out-of-distribution dataset ('' skips OOD).")
-  flags.DEFINE_bool("tsne", True, "Also draw t-SNE maps (scikit-learn).")
-  flags.DEFINE_integer("max_pair_points", 1024, "Points used by the pair statistics.")
-  flags.DEFINE_list("code_lengths", [str(b) for b in retrieval.DEFAULT_CODE_LENGTHS],
-                    "Bits of the Hamming (SimHash) codes.")
+  flags.DEFINE_string("out_dir", None, "Where the report goes (default WORKDIR/eval).")
+  flags.DEFINE_string("ood_dataset", "embedded_mnist",
+                      "Image methods: out-of-distribution dataset ('' skips OOD).")
+  flags.DEFINE_bool("tsne", True, "Image methods: also draw t-SNE maps (scikit-learn).")
+  flags.DEFINE_integer("max_pair_points", 1024, "Image methods: points of the pair statistics.")
+  flags.DEFINE_list("code_lengths", ["16", "64", "256", "1024"],
+                    "Image methods: bits of the Hamming (SimHash) codes.")
   flags.mark_flag_as_required("workdir")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The console script `embedspace-evaluate` (the same as `python -m embedspace.evaluate`)."""
   from absl import app
+
+  from embedspace.core.cli import parse_flags
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -61,7 +61,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     args = FLAGS(list(argv))
     FLAGS.config.keys()  # A file that failed to load raises on first use: make that here.
   except Exception as e:  # Any error here comes from what the user typed.
-    from embedspace.config_checks import describe_flag_error
+    from embedspace.core.config_checks import describe_flag_error  # After parsing: --help fast.
     fail(describe_flag_error(e, argv))
   return args
 
@@ -71,8 +71,9 @@ def main(argv: list[str]) -> None:
     fail(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
   import jax  # After flag parsing, so --help is fast.
 
-  from embedspace import checkpointing, parallel, train
-  from embedspace.config_checks import ConfigError
+  from embedspace import methods, parallel
+  from embedspace.core import checkpointing, loop
+  from embedspace.core.config_checks import ConfigError
 
   try:
     parallel.initialize_distributed(
@@ -87,21 +88,10 @@ def main(argv: list[str]) -> None:
   if not FLAGS.workdir:
     print(f"--workdir not given; using {workdir}", flush=True)
   try:
-    method = FLAGS.config.get("method")
-    if method in ("clip", "imagebind", "decur"):
-      from embedspace.multimodal import train as multimodal_train
-      report = multimodal_train.train_and_evaluate(FLAGS.config, workdir)
-    elif method == "palme":
-      from embedspace.interface import palme_train
-      report = palme_train.train_and_evaluate(FLAGS.config, workdir)
-    elif method == "find":
-      from embedspace.interface import find_train
-      report = find_train.train_and_evaluate(FLAGS.config, workdir)
-    else:
-      report = train.train_and_evaluate(FLAGS.config, workdir)
+    report = methods.train_and_evaluate(FLAGS.config, workdir)
   except (ConfigError, checkpointing.NoIntactCheckpointError) as e:
     fail(str(e))
-  except train.NonFiniteLossError as e:
+  except loop.NonFiniteLossError as e:
     fail(str(e), NONFINITE_EXIT_CODE)
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:
@@ -121,6 +111,11 @@ def main(argv: list[str]) -> None:
     print(f"evaluation ({workdir}/eval.json): {summary}", flush=True)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The console script `embedspace-train` (the same as `python -m embedspace.main`)."""
   flags.mark_flags_as_required(["config"])
   app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -20,19 +20,19 @@ WORKDIR = os.environ.get("EMBEDSPACE_VICREG_WORKDIR", "")''', "01_distance_measu
 
 `embedspace.load(workdir)` restores a training run (its `config.json` and newest intact
 checkpoint). Without `WORKDIR`, the notebook first trains `configs/vicreg.py` at `SIZE` with
-`embedspace.train.train_and_evaluate`, the function behind `python -m embedspace.main`.
+`embedspace.methods.train_and_evaluate`, the function behind `python -m embedspace.main`.
 '''),
     code(SSL_SIZES + r'''
 
 
 import embedspace
 from configs import vicreg
-from embedspace import train
+from embedspace import methods
 
 if not WORKDIR:
   WORKDIR = os.path.join(RUNS, "vicreg")
   t0 = time.perf_counter()
-  train.train_and_evaluate(ssl_config(vicreg), WORKDIR)
+  methods.train_and_evaluate(ssl_config(vicreg), WORKDIR)
   print(f"trained in {time.perf_counter() - t0:.0f} s")
 model = embedspace.load(WORKDIR)
 print(f"workdir {model.workdir}: {model.config.method}, step {model.step} of "
@@ -127,7 +127,7 @@ fairly), and retrieval mAP with same-class relevance. Hamming uses SimHash codes
 seeded random projection) of 16 to 1,024 bits; Mahalanobis whitens with the tied within-class
 covariance and then takes the Euclidean distance.
 '''),
-    code(r'''from embedspace import retrieval
+    code(r'''from embedspace.measure import retrieval
 
 t0 = time.perf_counter()
 tables = {space: retrieval.measure_table(tr, train_y, te, eval_y, num_classes=10, k=20)
@@ -235,7 +235,7 @@ cosine to the nearest class prototype, and the distance to the 50th nearest norm
 feature (Sun et al. 2022). AUROC 1 separates in from out perfectly; FPR95 is the fraction of
 MNIST digits accepted when 95% of Fashion-MNIST images are.
 '''),
-    code(r'''from embedspace import ood
+    code(r'''from embedspace.measure import ood
 
 mnist_images, _, _ = read_split("embedded_mnist", "test", limit // 4)
 outside = {"encoder": model.embed(mnist_images),

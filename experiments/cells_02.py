@@ -9,7 +9,7 @@ NB02 = header(r'''
 
 Two self-supervised objectives on the same encoder and data: **VICReg** (Bardes et al. 2022:
 invariance, variance and covariance terms) and **SimCLR** (Chen et al. 2020: InfoNCE over the
-other views of the batch). Each run is one call of `embedspace.train.train_and_evaluate(config,
+other views of the batch). Each run is one call of `embedspace.methods.train_and_evaluate(config,
 workdir)`, the function behind `python -m embedspace.main`; its workdir holds `metrics.jsonl`
 and TensorBoard events, which this notebook reads back to watch the loss terms and the collapse
 diagnostics while training, then compares the evaluations.
@@ -37,12 +37,12 @@ The step is compiled once with `jax.jit` over a mesh of all devices (`parallel.d
 on a TPU runtime the same call trains on all 8 cores. A rerun of this cell resumes each run from
 its newest checkpoint (a finished run only re-evaluates).
 '''),
-    code(r'''from embedspace import train
+    code(r'''from embedspace import methods
 
 reports, seconds = {}, {}
 for name, c in configs.items():
   t0 = time.perf_counter()
-  reports[name] = train.train_and_evaluate(c, os.path.join(RUNS, name))
+  reports[name] = methods.train_and_evaluate(c, os.path.join(RUNS, name))
   seconds[name] = time.perf_counter() - t0
   print(f"{name}: {c.num_steps} steps + evaluation in {seconds[name]:.0f} s -> {os.path.join(RUNS, name)}")'''),
     md(r'''
@@ -54,7 +54,7 @@ the invariance term pulls the two views together, the variance hinge keeps every
 standard deviation near 1 and the covariance term decorrelates dimensions. SimCLR's InfoNCE has
 a single term whose floor is set by the batch size.
 '''),
-    code(r'''from embedspace import metrics as metrics_lib
+    code(r'''from embedspace.core import metrics as metrics_lib
 
 
 def history(name):
@@ -130,7 +130,8 @@ components (`report.pca_2d`), coloured by class. Classes the methods confuse (sh
 and coats) overlap here too.
 '''),
     code(r'''import embedspace
-from embedspace import data, report
+from embedspace import data
+from embedspace.measure import report
 
 source, info = data.get_source("embedded_fashion_mnist", split="test")
 n = min(len(source), 2000 if SIZE != "smoke" else 500)

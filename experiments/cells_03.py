@@ -22,16 +22,17 @@ DECUR_WORKDIR = os.environ.get("EMBEDSPACE_DECUR_WORKDIR", "")''', "03_multimoda
     md(r'''
 ## Runs
 
-`get_run` loads a trained workdir with `embedspace.multimodal.train.load_workdir`, or trains the
-config at `SIZE` with `embedspace.multimodal.train.train_and_evaluate` (the function behind
+`get_run` loads a trained workdir with `embedspace.multimodal.space.load_workdir`, or trains the
+config at `SIZE` with `embedspace.methods.train_and_evaluate` (the function behind
 `python -m embedspace.main --config=configs/imagebind.py`). Either way it returns the config,
 the model and its variables, and the notebook measures everything itself from embeddings of the
 held-out items.
 '''),
     code(r'''from configs import clip, decur, imagebind
+from embedspace import methods
 from embedspace.multimodal import data as mm_data
 from embedspace.multimodal import evaluate as mm_eval
-from embedspace.multimodal import train as mm_train
+from embedspace.multimodal import space as mm_space
 
 
 def mm_config(module, variant=""):
@@ -52,9 +53,9 @@ def get_run(name, module, variant="", workdir=""):
   if not workdir:
     workdir = os.path.join(RUNS, name)
     t0 = time.perf_counter()
-    mm_train.train_and_evaluate(mm_config(module, variant), workdir)
+    methods.train_and_evaluate(mm_config(module, variant), workdir)
     print(f"{name}: trained in {time.perf_counter() - t0:.0f} s")
-  config, model, variables, step = mm_train.load_workdir(workdir)
+  config, model, variables, step = mm_space.load_workdir(workdir)
   splits = mm_data.load_splits(num_samples=config.data.audio_samples, text_length=config.data.text_length)
   embed = mm_eval.make_embed_fn(model, variables)
   emb = mm_eval.embed_split(embed, splits["eval"], modalities=tuple(model.modalities), batch_size=250)
@@ -190,7 +191,7 @@ im = ax[0].imshow(corr, cmap="RdBu_r", vmin=-1, vmax=1); ax[0].axvline(k - 0.5, 
 ax[0].set(title="image x audio cross-correlation", xlabel="audio dim", ylabel="image dim"); fig.colorbar(im, ax=ax[0], fraction=0.046)
 ax[1].plot(d, ".", ms=3); ax[1].axvline(k - 0.5, c="k", lw=0.5); ax[1].set(title="its diagonal", xlabel="dim", ylim=(-1, 1))
 plt.tight_layout(); plt.show()'''),
-    code(r'''from embedspace import probes
+    code(r'''from embedspace.measure import probes
 
 tr = r["train"]
 steps = r["config"].eval.probe_steps

@@ -22,22 +22,23 @@ FIND_WORKDIR = os.environ.get("EMBEDSPACE_FIND_WORKDIR", "")  # configs/find.py'
     md(r'''
 ## The frozen encoders
 
-An ImageBind run (`configs/imagebind.py`) loaded with `embedspace.multimodal.train.load_workdir`,
+An ImageBind run (`configs/imagebind.py`) loaded with `embedspace.multimodal.space.load_workdir`,
 or trained here at `SIZE`. Nothing below changes its weights.
 '''),
     code(r'''from configs import find as find_configs
 from configs import imagebind
 from configs import palme as palme_configs
-from embedspace.interface import find, find_eval, find_train, palme, palme_data, palme_train, scenes
+from embedspace import methods
+from embedspace.interface import find, find_eval, find_task, palme, palme_data, palme_task, scenes
 from embedspace.multimodal import data as mm_data
-from embedspace.multimodal import train as mm_train
+from embedspace.multimodal import space as mm_space
 
 
-def train_here(name, config, train_fn):
+def train_here(name, config):
   """Trains `config` into RUNS/name (a rerun resumes it) and returns the workdir."""
   workdir = os.path.join(RUNS, name)
   t0 = time.perf_counter()
-  train_fn(config, workdir)
+  methods.train_and_evaluate(config, workdir)
   print(f"{name}: trained in {time.perf_counter() - t0:.0f} s")
   return workdir
 
@@ -47,8 +48,8 @@ if not IMAGEBIND_WORKDIR:
   if SIZE == "small":
     c.num_steps, c.log_every, c.checkpoint_every, c.optimizer.warmup_steps = 200, 20, 200, 20
   c.eval.plots = False
-  IMAGEBIND_WORKDIR = train_here("imagebind", c, mm_train.train_and_evaluate)
-enc_config, _, _, enc_step = mm_train.load_workdir(IMAGEBIND_WORKDIR)
+  IMAGEBIND_WORKDIR = train_here("imagebind", c)
+enc_config, _, _, enc_step = mm_space.load_workdir(IMAGEBIND_WORKDIR)
 ev = mm_data.load_splits(num_samples=enc_config.data.audio_samples, text_length=enc_config.data.text_length)["eval"]
 print(f"encoders: {IMAGEBIND_WORKDIR}, step {enc_step} of {enc_config.num_steps}; eval split: "
       f"{len(ev.image)} images, {len(ev.audio)} clips, {len(ev.captions)} captions")'''),
@@ -67,8 +68,8 @@ used; `plus_new_combos` asks for digit pairs that no training `plus` prompt had.
   c.encoders_workdir = IMAGEBIND_WORKDIR
   if SIZE == "small":
     c.num_steps, c.log_every, c.checkpoint_every = 600, 50, 600
-  PALME_WORKDIR = train_here("palme", c, palme_train.train_and_evaluate)
-p_config, p_model, p_params, p_step = palme_train.load_workdir(PALME_WORKDIR)
+  PALME_WORKDIR = train_here("palme", c)
+p_config, p_model, p_params, p_step = palme_task.load_workdir(PALME_WORKDIR)
 with open(os.path.join(PALME_WORKDIR, "eval.json")) as f:
   p_report = json.load(f)
 print(f"{PALME_WORKDIR}: step {p_step} of {p_config.num_steps}, {p_config.batch_size} prompts per step, "
@@ -81,7 +82,7 @@ for task, acc in p_report["accuracy"].items():
 New questions about held-out items: the frozen embeddings of an image and of a recording go into
 the prompt, and the model writes the answer.
 '''),
-    code(r'''vectors = palme_train.frozen_vectors(p_config)["eval"]
+    code(r'''vectors = palme_task.frozen_vectors(p_config)["eval"]
 words = palme_data.vocabulary()
 rng = np.random.default_rng(4)
 asks = ("what_image", "what_audio", "same", "same", "plus", "plus_new_combos")
@@ -128,8 +129,8 @@ encoder and takes the window closest to the prompt.
   if SIZE == "small":
     c.num_steps, c.log_every, c.checkpoint_every, c.eval.num_scenes = 400, 50, 400, 200
   c.eval.plots = False
-  FIND_WORKDIR = train_here("find", c, find_train.train_and_evaluate)
-f_config, env, f_params, f_step = find_train.load_workdir(FIND_WORKDIR)
+  FIND_WORKDIR = train_here("find", c)
+f_config, env, f_params, f_step = find_task.load_workdir(FIND_WORKDIR)
 with open(os.path.join(FIND_WORKDIR, "eval.json")) as f:
   f_report = json.load(f)
 print(f"{FIND_WORKDIR}: step {f_step} of {f_config.num_steps}, {f_config.batch_size} scenes per step; "

@@ -58,13 +58,13 @@ def smoke_workdir(tmp_path_factory):
   measure what they need (~20 s instead of ~40 s on 2 cores).
   """
   from configs import vicreg
-  from embedspace import train
+  from embedspace import methods
 
   def run(workdir):
     config = vicreg.get_config("smoke")
     config.eval_every = 0
     config.eval.at_end = False
-    assert train.train_and_evaluate(config, workdir) == {}
+    assert methods.train_and_evaluate(config, workdir) == {}
   return _trained_once(tmp_path_factory, "smoke_run", run)
 
 
@@ -73,13 +73,13 @@ def imagebind_smoke_workdir(tmp_path_factory):
   """An ImageBind `:smoke` workdir (image, audio and text encoders), trained once per run.
 
   The frozen encoders of the interfaces over embeddings (PaLM-E-style, FIND-style) load it with
-  `embedspace.multimodal.train.load_workdir`.
+  `embedspace.multimodal.space.load_workdir`.
   """
   from configs import imagebind
-  from embedspace.multimodal import train as mm_train
+  from embedspace import methods
 
   def run(workdir):
     config = imagebind.get_config("smoke")
     config.eval.plots = False
-    mm_train.train_and_evaluate(config, workdir)
+    methods.train_and_evaluate(config, workdir)
   return _trained_once(tmp_path_factory, "imagebind_smoke", run)

@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from embedspace import evaluate, parallel
+from embedspace import parallel
 from embedspace.models import EmbeddingModel
+from embedspace.ssl import evaluate
 
 
 def _blobs(n: int, *, num_classes: int, dim: int, spread: float, seed: int):

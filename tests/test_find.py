@@ -14,10 +14,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import find as find_config
-from embedspace import checkpointing, inference, optim, parallel
-from embedspace import train as ssl_train
-from embedspace.config_checks import ConfigError
-from embedspace.interface import find, find_eval, find_train, scenes
+from embedspace import methods, parallel
+from embedspace.core import loop
+from embedspace.core import step as step_lib
+from embedspace.core import train as core_train
+from embedspace.core.config_checks import ConfigError
+from embedspace.core.workdirs import IncompatibleWorkdirError
+from embedspace.interface import find, find_eval, find_task, scenes
 from embedspace.multimodal import data as mm_data
 
 
@@ -110,19 +113,19 @@ def test_config_errors_name_the_key_and_the_missing_encoders_command(tmp_path):
   config = find_config.get_config("smoke")
   config.encoders_workdir = str(tmp_path / "nothing")
   with pytest.raises(ConfigError, match=r"encoders_workdir.*configs/imagebind\.py"):
-    find_train.train_and_evaluate(config, str(tmp_path / "run"))
+    methods.train_and_evaluate(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
   config.encoders_workdir = ""
   with pytest.raises(ConfigError, match=r"encoders_workdir.*configs/imagebind\.py"):
-    find_train.validate(config)
+    find_task.validate(config)
   config = find_config.get_config("smoke")
   config.model.mask_size = 9
   with pytest.raises(ConfigError, match="mask_size"):
-    find_train.validate(config)
+    find_task.validate(config)
   config = find_config.get_config("smoke")
   config.model.width = 18
   with pytest.raises(ConfigError, match="model.width.*divisible by 4"):
-    find_train.validate(config)
+    find_task.validate(config)
   with pytest.raises(ValueError, match="unknown config variant"):
     find_config.get_config("smokey")
 
@@ -160,17 +163,24 @@ def test_select_query_picks_the_closest_live_query():
 
 
 @pytest.fixture(scope="module")
-def smoke_env(imagebind_smoke_workdir):
+def smoke_run(imagebind_smoke_workdir):
+  """The `:smoke` run as the core builds it: (config, its `Prepared`, `find_task.environment`)."""
   config = find_config.get_config("smoke")
   config.encoders_workdir = imagebind_smoke_workdir
-  return config, find_train.setup(config)
+  run = core_train.prepare(methods.task(config.method), config, parallel.make_mesh())
+  return config, run, run.setup.context["env"]
 
 
-def _stepper(config, env, devices):
+@pytest.fixture(scope="module")
+def smoke_env(smoke_run):
+  config, _, env = smoke_run
+  return config, env
+
+
+def _stepper(run, devices):
+  """(initial host state, the run's step compiled on `devices`, mesh)."""
   mesh = parallel.make_mesh(devices)
-  tx = optim.make_optimizer(config)
-  init = jax.device_get(find_train.create_train_state(config, env["model"], tx, env["frozen"]))
-  return init, find_train.make_parallel_step(mesh, model=env["model"], tx=tx, config=config), mesh
+  return jax.device_get(run.state), run.parallel_step(mesh), mesh
 
 
 def _run(stepper, batches):
@@ -188,15 +198,15 @@ def _batches(env, n):
 
 
 @pytest.fixture(scope="module")
-def eight_devices(smoke_env):
-  config, env = smoke_env
-  return _stepper(config, env, jax.devices()[:8])
+def eight_devices(smoke_run):
+  _, run, _ = smoke_run
+  return _stepper(run, jax.devices()[:8])
 
 
-def test_find_step_on_eight_devices_matches_one_device(smoke_env, eight_devices):
-  config, env = smoke_env
+def test_find_step_on_eight_devices_matches_one_device(smoke_run, eight_devices):
+  config, run, env = smoke_run
   batches = _batches(env, 2)
-  one = _stepper(config, env, jax.devices()[:1])
+  one = _stepper(run, jax.devices()[:1])
   loss1, state1 = _run(one, batches)
   loss8, state8 = _run(eight_devices, batches)
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
@@ -227,7 +237,7 @@ def test_smoke_run_trains_resumes_and_reports_on_eval_scenes_only(smoke_env, eig
   real_make = scenes.make_scenes
   monkeypatch.setattr(scenes, "make_scenes", lambda images, *a, **k: (
       used.append(images), real_make(images, *a, **k))[1])
-  real_step = find_train.make_parallel_step
+  real_step = step_lib.make_parallel_step
   calls = {"n": 0}
 
   def preempting(*args, **kwargs):
@@ -240,11 +250,11 @@ def test_smoke_run_trains_resumes_and_reports_on_eval_scenes_only(smoke_env, eig
       return step(state, batch)
     return wrapped
   with monkeypatch.context() as mp:
-    mp.setattr(find_train, "make_parallel_step", preempting)
-    with pytest.raises(ssl_train.Preempted) as exc:
-      find_train.train_and_evaluate(config, workdir)
+    mp.setattr(step_lib, "make_parallel_step", preempting)
+    with pytest.raises(loop.Preempted) as exc:
+      methods.train_and_evaluate(config, workdir)
   assert exc.value.step == 3
-  report = find_train.train_and_evaluate(config, workdir)
+  report = methods.train_and_evaluate(config, workdir)
   assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [3, 4]
   for path in ("eval.json", "metrics.jsonl", "config.json", "eval/report.md",
                "eval/examples.png"):
@@ -268,13 +278,14 @@ def test_smoke_run_trains_resumes_and_reports_on_eval_scenes_only(smoke_env, eig
   restored = ocp.StandardCheckpointer().restore(
       os.path.join(workdir, "checkpoints", str(config.num_steps), "state"))
   jax.tree.map(np.testing.assert_array_equal, restored["params"], state.params)
-  loaded_config, loaded_env, params, step = find_train.load_workdir(workdir)  # the user's loader
+  loaded_config, loaded_env, params, step = find_task.load_workdir(workdir)  # the user's loader
   assert step == config.num_steps and loaded_config.model == config.model
   assert loaded_env["model"] == env["model"]
   jax.tree.map(np.testing.assert_array_equal, params, state.params)
-  with pytest.raises(inference.IncompatibleWorkdirError, match="not a FIND-style"):
-    find_train.load_workdir(config.encoders_workdir)
-  config.model.depth = 2  # checkpoints of another model are refused, not moved aside
-  with pytest.raises(checkpointing.IncompatibleCheckpointError, match="another model"):
-    find_train.train_and_evaluate(config, workdir)
+  with pytest.raises(IncompatibleWorkdirError, match="not a FIND-style"):
+    find_task.load_workdir(config.encoders_workdir)
+  depth = config.model.depth
+  config.model.depth = depth + 1  # checkpoints of another model are refused, not moved aside
+  with pytest.raises(ConfigError, match=rf"config\.model\.depth={depth} \(now {depth + 1}\)"):
+    methods.train_and_evaluate(config, workdir)
   assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [3, 4]

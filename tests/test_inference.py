@@ -11,7 +11,10 @@ import sys
 import numpy as np
 import pytest
 
-from embedspace import inputs, search, store
+from embedspace import search as search_cli
+from embedspace.space import inputs
+from embedspace.space import search
+from embedspace.space import store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,7 +98,7 @@ def test_top_k_bad_input():
 
 
 def test_class_similarity_against_brute_force():
-  from embedspace import report
+  from embedspace.measure import report
 
   x, y = _blobs(300, classes=5, seed=3)
   y[:20] = -1  # unlabelled rows are left out
@@ -119,7 +122,7 @@ def test_class_similarity_against_brute_force():
 @pytest.mark.parametrize("measure", search.MEASURES)
 def test_faiss_agrees_with_exact_search(measure, tmp_path):
   pytest.importorskip("faiss")
-  from embedspace import faiss_index
+  from embedspace.space import faiss_index
 
   keys, _ = _blobs(700)  # the shape of the tests above: Mahalanobis' fit compiles once
   queries, _ = _blobs(40, seed=4)
@@ -167,7 +170,8 @@ def smoke_model(smoke_workdir):
 def test_embed_is_the_evaluation_forward_and_never_recompiles(smoke_model):
   import functools
 
-  from embedspace import data, evaluate
+  from embedspace import data
+  from embedspace.ssl import evaluate
 
   model = smoke_model
   assert model.step == 6 and model.channels == 1 and model.image_size == 28
@@ -201,15 +205,16 @@ def test_embedded_eval_images_retrieve_their_own_class(smoke_model, tmp_path):
   precision = np.mean(train.labels[hits] == test.labels[:500, None])
   print(f"smoke model, cosine: own-class precision@10 {precision:.3f} (chance 0.1)")
   assert precision > 0.3
-  result = search.run_query(test, "17", k=5, measure="euclidean")
+  result = search_cli.run_query(test, "17", k=5, measure="euclidean")
   assert 17 not in result["rows"] and os.path.getsize(result["png"]) > 5_000
-  record = search.run_class_map(test, str(tmp_path / "classes.png"), measure="cosine")
+  record = search_cli.run_class_map(test, str(tmp_path / "classes.png"), measure="cosine")
   assert set(record["nearest"]) == set(test.class_names)
   assert os.path.getsize(tmp_path / "classes.png") > 10_000
 
 
 def test_bad_images_and_workdirs_are_one_clear_error(smoke_model, smoke_workdir, tmp_path):
-  from embedspace import inference
+  from embedspace import methods
+  from embedspace.core.workdirs import IncompatibleWorkdirError
 
   model = smoke_model
   with pytest.raises(ValueError, match="28x28.*resize=True"):
@@ -229,14 +234,14 @@ def test_bad_images_and_workdirs_are_one_clear_error(smoke_model, smoke_workdir,
   (tmp_path / "fresh" / "checkpoints").mkdir(parents=True)
   shutil.copy(os.path.join(smoke_workdir, "config.json"), tmp_path / "fresh")
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    inference.load(str(tmp_path / "fresh"))
+    methods.load(str(tmp_path / "fresh"))
   other = tmp_path / "other"
   shutil.copytree(smoke_workdir, other)
   config = json.loads((other / "config.json").read_text())
   config["model"]["width"] = 16
   (other / "config.json").write_text(json.dumps(config))
-  with pytest.raises(inference.IncompatibleWorkdirError, match="another version.*encoder"):
-    inference.load(str(other))
+  with pytest.raises(IncompatibleWorkdirError, match="another version.*encoder"):
+    methods.load(str(other))
 
 
 def _cli(module, *args):

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from configs import simclr, vicreg
-from embedspace import config_checks
+from embedspace import methods
+from embedspace.core import config_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +34,7 @@ def test_bad_values_name_the_key(override, key):
   config = simclr.get_config("smoke")
   with pytest.raises(config_checks.ConfigError, match=key.replace(".", r"\.")):
     _apply(config, override)
-    config_checks.validate_config(config)
+    methods.task(config.method).validate(config)
 
 
 def _apply(config, override):
@@ -51,18 +52,59 @@ def test_loss_keys_must_belong_to_the_method():
   config = vicreg.get_config("smoke")
   config.loss.temperature = 0.1
   with pytest.raises(config_checks.ConfigError, match="loss keys"):
-    config_checks.validate_config(config)
+    methods.task(config.method).validate(config)
 
 
-def test_workdir_from_another_config_and_unwritable_workdir(tmp_path):
+def test_workdir_resumes_only_with_its_config_and_unwritable_workdir(tmp_path, capsys):
   config = vicreg.get_config("smoke")
-  config_checks.check_workdir_config(config, str(tmp_path / "run"))
+  run = tmp_path / "run"
+
+  def saved():
+    with open(run / "config.json") as f:
+      return json.load(f)
+
+  config_checks.check_workdir_config(config, str(run))
   config.model.width = 16
-  config_checks.check_workdir_config(config, str(tmp_path / "run"))  # No checkpoint yet: fine.
-  (tmp_path / "run" / "checkpoints" / "2").mkdir(parents=True)
+  config_checks.check_workdir_config(config, str(run))  # No checkpoint yet: takes the new config.
+  assert saved()["model"]["width"] == 16
+  (run / "checkpoints" / "2").mkdir(parents=True)
+  # The same config resumes with nothing to record.
+  assert config_checks.check_workdir_config(config, str(run)) == {}
+
+  # A change to what the run learns is refused, every such key named with the flag to resume.
+  lr = config.optimizer.base_lr
   config.model.width = 32
-  with pytest.raises(config_checks.ConfigError, match=r"model\.width"):
-    config_checks.check_workdir_config(config, str(tmp_path / "run"))
+  config.optimizer.base_lr = 2 * lr
+  with pytest.raises(config_checks.ConfigError) as exc:
+    config_checks.check_workdir_config(config, str(run))
+  message = str(exc.value)
+  for key, old in (("model.width", 16), ("optimizer.base_lr", lr)):
+    assert f"config.{key}={old!r}" in message and f"--config.{key}={old}" in message, message
+  config.model.width = 16  # The learning rate alone is refused too.
+  with pytest.raises(config_checks.ConfigError, match=r"optimizer\.base_lr") as exc:
+    config_checks.check_workdir_config(config, str(run))
+  assert "model.width" not in str(exc.value)
+  assert saved()["model"]["width"] == 16 and saved()["optimizer"]["base_lr"] == lr
+  assert not (run / config_checks.HISTORY_FILE).exists()
+
+  # A change to how long it runs is accepted and, once the run has resumed, written to
+  # config.json, recorded in the history and reported.
+  config.optimizer.base_lr = lr
+  steps = config.num_steps
+  config.num_steps = steps + 4
+  changes = config_checks.check_workdir_config(config, str(run))
+  assert changes == {"num_steps": (steps, steps + 4)}
+  assert saved()["num_steps"] == steps and not (run / config_checks.HISTORY_FILE).exists()
+  capsys.readouterr()
+  config_checks.record_changes(config, str(run), changes)
+  out = capsys.readouterr().out
+  assert f"num_steps {steps!r} -> {steps + 4!r}" in out and config_checks.HISTORY_FILE in out
+  assert saved()["num_steps"] == steps + 4
+  with open(run / config_checks.HISTORY_FILE) as f:
+    history = [json.loads(line) for line in f]
+  assert len(history) == 1 and history[0]["changes"] == {"num_steps": {"old": steps,
+                                                                       "new": steps + 4}}
+
   (tmp_path / "a_file").write_text("x")
   with pytest.raises(config_checks.ConfigError, match="not writable"):
     config_checks.check_workdir_config(config, str(tmp_path / "a_file" / "run"))

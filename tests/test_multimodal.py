@@ -12,11 +12,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import clip, decur, imagebind
-from embedspace import optim, parallel
-from embedspace import train as ssl_train
-from embedspace.config_checks import ConfigError
+from embedspace import methods, parallel
+from embedspace.core import loop
+from embedspace.core import step as step_lib
+from embedspace.core import train as core_train
+from embedspace.core.config_checks import ConfigError
 from embedspace.multimodal import audio, data, evaluate, text
-from embedspace.multimodal import train as mm_train
+from embedspace.multimodal import task as mm_task
 
 CONFIGS = {"clip": clip, "imagebind": imagebind, "decur": decur}
 FSDD = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "fsdd", "recordings")
@@ -151,13 +153,13 @@ def test_config_variants_and_bad_values_fail_clearly():
       target = target[p]
     target[key.split(".")[-1]] = value
     with pytest.raises(ConfigError, match=match):
-      mm_train.validate(config)
+      mm_task.validate(config)
 
 
 def test_emergent_retrieval_is_measured_on_pairs_never_seen_in_training():
   config = imagebind.get_config("smoke")
   splits = data.load_splits(num_samples=config.data.audio_samples, text_length=10)
-  sampler = mm_train.make_sampler(config, splits["train"])
+  sampler = mm_task.make_sampler(config, splits["train"])
   seen_audio, seen_captions, keys = set(), set(), set()
   for step in range(50):
     index = sampler.indices(step)
@@ -175,17 +177,16 @@ def test_emergent_retrieval_is_measured_on_pairs_never_seen_in_training():
 
 def _batches(config, n):
   splits = data.load_splits(num_samples=config.data.audio_samples, text_length=10)
-  sampler = mm_train.make_sampler(config, splits["train"])
+  sampler = mm_task.make_sampler(config, splits["train"])
   return [next(sampler) for _ in range(n)]
 
 
 def _stepper(config, devices):
   """(initial replicated state, compiled step, mesh) on `devices`; one compile serves many runs."""
   mesh = parallel.make_mesh(devices)
-  model = mm_train.build_model(config)
-  tx = optim.make_optimizer(config)
-  init = jax.device_get(mm_train.create_train_state(config, model, tx))  # host copy: steps donate
-  return init, mm_train.make_parallel_step(mesh, model=model, tx=tx, config=config), mesh
+  run = core_train.prepare(methods.task(config.method), config, mesh)
+  init = jax.device_get(run.state)  # host copy: steps donate
+  return init, run.parallel_step(mesh), mesh
 
 
 def _run(stepper, batches):
@@ -227,7 +228,7 @@ def test_multimodal_step_on_eight_devices_matches_one_device(imagebind_steppers)
 
 
 def _preempt_after(calls_before_sigterm):
-  real = mm_train.make_parallel_step
+  real = step_lib.make_parallel_step
   calls = {"n": 0}
 
   def make(*args, **kwargs):
@@ -252,11 +253,11 @@ def smoke_runs(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp(name))
     if name == "imagebind":  # Preempted by SIGTERM in step 3, then the same command again.
       with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mm_train, "make_parallel_step", _preempt_after(3))
-        with pytest.raises(ssl_train.Preempted) as exc:
-          mm_train.train_and_evaluate(config, workdir)
-        assert exc.value.code == ssl_train.PREEMPTED_EXIT_CODE and exc.value.step == 3
-    runs[name] = (workdir, mm_train.train_and_evaluate(config, workdir), config)
+        mp.setattr(step_lib, "make_parallel_step", _preempt_after(3))
+        with pytest.raises(loop.Preempted) as exc:
+          methods.train_and_evaluate(config, workdir)
+        assert exc.value.code == loop.PREEMPTED_EXIT_CODE and exc.value.step == 3
+    runs[name] = (workdir, methods.train_and_evaluate(config, workdir), config)
   return runs
 
 

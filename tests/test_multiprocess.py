@@ -34,9 +34,9 @@ import jax
 import numpy as np
 import pytest
 
-from embedspace import checkpointing
 from embedspace import data as data_lib
-from embedspace import metrics as metrics_lib
+from embedspace.core import checkpointing
+from embedspace.core import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 8

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedspace import ood
+from embedspace.measure import ood
 
 
 def _brute_auroc(s_in, s_out):

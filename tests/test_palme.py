@@ -15,16 +15,33 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import palme as palme_config
-from embedspace import inference, optim, parallel
-from embedspace import train as ssl_train
-from embedspace.config_checks import ConfigError
-from embedspace.interface import palme, palme_data, palme_train
+from embedspace import methods, parallel
+from embedspace.core import loop, optim
+from embedspace.core import step as step_lib
+from embedspace.core import train as core_train
+from embedspace.core.config_checks import ConfigError
+from embedspace.core.task import Setup
+from embedspace.core.workdirs import IncompatibleWorkdirError
+from embedspace.interface import palme, palme_data, palme_task
 
 
 def _config(workdir=None, variant="smoke"):
   config = palme_config.get_config(variant)
   config.encoders_workdir = workdir
   return config
+
+
+def _setup(config, dims=(12, 20)):
+  """The task's model, initialisation, loss and metrics over `dims`-d (image, audio) vectors,
+  without its frozen encoders (what `palme_task.TASK.setup` builds from their vectors)."""
+  model = palme_task.build_model(config)
+
+  def init(rng):
+    return {"params": palme_task.init_params(config, model, rng, image_dim=dims[0],
+                                             audio_dim=dims[1])}
+  return Setup(model=model, init=init, loss_fn=palme_task.make_loss_fn(model),
+               metrics_fn=palme_task.step_metrics, batches=iter(()), data_state=None,
+               items_per_step=config.batch_size)
 
 
 def _random_vectors(seed=0, n_image=400, n_audio=200):
@@ -39,9 +56,9 @@ def _random_vectors(seed=0, n_image=400, n_audio=200):
 def test_kv_cache_decoding_equals_decoding_without_cache(use_items):
   config = _config()
   config.model.use_items, config.model.depth = use_items, 2
-  model = palme_train.build_model(config)
-  tx = optim.make_optimizer(config)
-  params = palme_train.create_train_state(config, model, tx, image_dim=12, audio_dim=20).params
+  setup = _setup(config)
+  model = setup.model
+  params = core_train.initial_state(config, setup, optim.make_optimizer(config)).params
   # Random, larger weights than at init, so that greedy choices differ between rows and steps.
   rng = np.random.default_rng(1)
   params = jax.tree.map(lambda x: x + 0.5 * rng.normal(size=x.shape).astype(np.float32), params)
@@ -102,9 +119,9 @@ def test_loss_is_on_answer_tokens_only():
   assert float(loss(changed)[0]) != float(base)
   # Through the model: the prompt's own next-token targets do not enter the step's loss.
   config = _config()
-  model = palme_train.build_model(config)
-  params = palme_train.create_train_state(config, model, optim.make_optimizer(config),
-                                          image_dim=12, audio_dim=20).params
+  setup = _setup(config)
+  model = setup.model
+  params = core_train.initial_state(config, setup, optim.make_optimizer(config)).params
   step_loss = jax.jit(lambda t: palme.answer_loss(  # noqa: E731
       model.apply({"params": params}, t[:, :-1], arrays["image"], arrays["audio"])[0],
       t[:, 1:], jnp.asarray(mask[:, 1:]))[0])
@@ -114,12 +131,14 @@ def test_loss_is_on_answer_tokens_only():
 
 
 def _stepper(config, devices, dims=(12, 20), tx=None):
+  """(initial host state, compiled step, mesh), built as the core builds a run's."""
   mesh = parallel.make_mesh(devices)
-  model = palme_train.build_model(config)
+  setup = _setup(config, dims)
   tx = tx or optim.make_optimizer(config)
-  init = jax.device_get(palme_train.create_train_state(config, model, tx, image_dim=dims[0],
-                                                       audio_dim=dims[1]))
-  return init, palme_train.make_parallel_step(mesh, model=model, tx=tx, config=config), mesh
+  init = jax.device_get(core_train.initial_state(config, setup, tx))
+  step = step_lib.make_train_step(setup.loss_fn, tx=tx, skip_nonfinite=config.skip_nonfinite,
+                                  metrics_fn=setup.metrics_fn)
+  return init, step_lib.make_parallel_step(mesh, step), mesh
 
 
 def _run(stepper, batches):
@@ -155,7 +174,7 @@ def test_step_on_eight_devices_matches_one_device():
 
 @pytest.fixture(scope="module")
 def vectors(imagebind_smoke_workdir):
-  return palme_train.frozen_vectors(_config(imagebind_smoke_workdir))
+  return palme_task.frozen_vectors(_config(imagebind_smoke_workdir))
 
 
 def test_held_out_items_and_combinations_are_never_in_training_batches(vectors):
@@ -163,7 +182,7 @@ def test_held_out_items_and_combinations_are_never_in_training_batches(vectors):
   assert not set(train["audio_id"].tolist()) & set(held["audio_id"].tolist())
   config = _config()
   config.batch_size = 64
-  sampler = palme_train.make_sampler(config, train)
+  sampler = palme_task.make_sampler(config, train)
   rows = lambda x: {r.tobytes() for r in x}  # noqa: E731
   train_images, eval_images = rows(train["image"]), rows(held["image"])
   train_audio, eval_audio = rows(train["audio"]), rows(held["audio"])
@@ -192,20 +211,20 @@ def test_held_out_items_and_combinations_are_never_in_training_batches(vectors):
 def test_missing_or_wrong_encoders_workdir_and_bad_values_fail_clearly(tmp_path):
   workdir = tmp_path / "run"
   with pytest.raises(ConfigError, match=r"encoders_workdir is not set.*configs/imagebind.py"):
-    palme_train.train_and_evaluate(_config(None), str(workdir))
+    methods.train_and_evaluate(_config(None), str(workdir))
   with pytest.raises(ConfigError, match=r"encoders_workdir=.*configs/imagebind.py"):
-    palme_train.train_and_evaluate(_config(str(tmp_path / "nowhere")), str(workdir))
+    methods.train_and_evaluate(_config(str(tmp_path / "nowhere")), str(workdir))
   assert not workdir.exists()  # nothing written
   config = _config("x")
   config.model.source = "pixels"
   with pytest.raises(ConfigError, match="model.source"):
-    palme_train.validate(config)
+    palme_task.validate(config)
   with pytest.raises(ValueError, match="unknown config variant"):
     palme_config.get_config("text")
 
 
 def _preempt_after(calls_before_sigterm):
-  real = palme_train.make_parallel_step
+  real = step_lib.make_parallel_step
   calls = {"n": 0}
 
   def make(*args, **kwargs):
@@ -224,11 +243,11 @@ def test_smoke_run_trains_resumes_and_reports(imagebind_smoke_workdir, vectors, 
   config = _config(imagebind_smoke_workdir)
   workdir = str(tmp_path / "palme")
   with pytest.MonkeyPatch.context() as mp:  # SIGTERM during step 3, then the same call again
-    mp.setattr(palme_train, "make_parallel_step", _preempt_after(3))
-    with pytest.raises(ssl_train.Preempted) as exc:
-      palme_train.train_and_evaluate(config, workdir)
+    mp.setattr(step_lib, "make_parallel_step", _preempt_after(3))
+    with pytest.raises(loop.Preempted) as exc:
+      methods.train_and_evaluate(config, workdir)
   assert exc.value.step == 3
-  report = palme_train.train_and_evaluate(config, workdir)
+  report = methods.train_and_evaluate(config, workdir)
   assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [3, 4]
   assert set(report["accuracy"]) == set(palme_data.EVAL_TASKS)
   assert all(0 <= a <= 1 for a in report["accuracy"].values())
@@ -239,19 +258,19 @@ def test_smoke_run_trains_resumes_and_reports(imagebind_smoke_workdir, vectors, 
     text = f.read()
   assert "| plus_new_combos | 64 |" in text and "q: what is <img> plus <audio> ? a:" in text
   # The preempted and resumed run ends where the same 4 steps without a stop end.
-  sampler = palme_train.make_sampler(config, vectors["train"])
+  sampler = palme_task.make_sampler(config, vectors["train"])
   dims = (vectors["train"]["image"].shape[1], vectors["train"]["audio"].shape[1])
   _, state = _run(_stepper(config, jax.devices(), dims),
                   [next(sampler) for _ in range(config.num_steps)])
   restored = ocp.StandardCheckpointer().restore(
       os.path.join(workdir, "checkpoints", str(config.num_steps), "state"))
   jax.tree.map(np.testing.assert_array_equal, restored["params"], state.params)
-  loaded_config, model, params, step = palme_train.load_workdir(workdir)  # the user's loader
+  loaded_config, model, params, step = palme_task.load_workdir(workdir)  # the user's loader
   assert step == config.num_steps and loaded_config.model == config.model
-  assert model == palme_train.build_model(config)
+  assert model == palme_task.build_model(config)
   jax.tree.map(np.testing.assert_array_equal, params, state.params)
-  with pytest.raises(inference.IncompatibleWorkdirError, match="not a PaLM-E-style"):
-    palme_train.load_workdir(imagebind_smoke_workdir)
+  with pytest.raises(IncompatibleWorkdirError, match="not a PaLM-E-style"):
+    palme_task.load_workdir(imagebind_smoke_workdir)
   config.model.tokens_per_item = 3  # checkpoints of another model are refused, not moved aside
   with pytest.raises(ConfigError, match="model.tokens_per_item=2"):
-    palme_train.train_and_evaluate(config, workdir)
+    methods.train_and_evaluate(config, workdir)

@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from embedspace import losses, plots, report
+from embedspace import losses
+from embedspace.measure import plots
+from embedspace.measure import report
 
 
 def test_class_similarity_matches_pairwise_mean():
@@ -143,7 +145,7 @@ def test_cli_on_a_smoke_workdir(smoke_workdir, tmp_path):
 
 
 def test_cli_without_checkpoint_is_one_clear_error(tmp_path):
-  (tmp_path / "config.json").write_text("{}")
+  (tmp_path / "config.json").write_text('{"method": "vicreg"}')  # The CLI reads its method.
   proc = subprocess.run([sys.executable, "-m", "embedspace.evaluate", f"--workdir={tmp_path}"],
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
@@ -153,16 +155,19 @@ def test_cli_without_checkpoint_is_one_clear_error(tmp_path):
 def _check_load_workdir_skips_a_damaged_newest_checkpoint(smoke_workdir, tmp_path):
   import shutil
 
-  from embedspace import evaluate
+  from embedspace import methods
 
-  config, model, variables, step = evaluate.load_workdir(smoke_workdir)
-  assert step == 6 and config.method == "vicreg" and set(variables) == {"params", "batch_stats"}
+  loaded = methods.load(smoke_workdir)
+  config, variables = loaded.config, loaded.variables
+  assert loaded.step == 6 and config.method == "vicreg"
+  assert set(variables) == {"params", "batch_stats"}
   copy = tmp_path / "copy"
   shutil.copytree(smoke_workdir, copy)
   for path in (copy / "checkpoints" / "6" / "state").rglob("*"):
     if path.is_file():
       path.write_bytes(b"broken")
-  _, _, old, step = evaluate.load_workdir(str(copy))
+  damaged = methods.load(str(copy))
+  old, step = damaged.variables, damaged.step
   assert step == 3
   assert any(not np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(old["params"]), jax.tree.leaves(variables["params"])))

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from embedspace import geometry, retrieval
+from embedspace import geometry
+from embedspace.measure import retrieval
 
 
 def _numpy_retrieval(q, ql, k, kl, metric, cutoffs):
@@ -115,7 +116,7 @@ def test_prepare_mahalanobis_is_whitened_euclidean_and_hamming_has_code_length()
 
 @pytest.mark.parametrize("metric", ["euclidean", "hamming"])
 def test_knn_vote_from_the_ranking_equals_probes_knn(metric):
-  from embedspace import probes
+  from embedspace.measure import probes
 
   keys, key_labels = _blobs(400, num_classes=5, dim=12, spread=0.5, seed=3)
   queries, query_labels = _blobs(90, num_classes=5, dim=12, spread=0.5, seed=4)

@@ -30,9 +30,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import vicreg
-from embedspace import checkpointing
 from embedspace import data as data_lib
-from embedspace import metrics as metrics_lib
+from embedspace.core import checkpointing
+from embedspace.core import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 12
@@ -263,7 +263,7 @@ def test_bad_input_is_one_line_and_exit_2_and_leaves_no_workdir(cache_dir, tmp_p
                           "e", "is not prepared in"),
       "unwritable workdir": ((smoke,), "a_file/run", "not writable"),
       "workdir of another config": ((smoke, "--config.model.width=16"), "other",
-                                    "--config.model.width=8 to resume"),
+                                    "resume that run with --config.model.width=8"),
   }
   runs = {name: Run(tmp_path / workdir, *flags, cache_dir=cache_dir, name=name.replace(" ", "_"),
                     log_dir=tmp_path)

@@ -11,11 +11,13 @@ import wave
 import numpy as np
 import pytest
 
-from embedspace import search, store
+from embedspace import search as search_cli
 from embedspace.multimodal import audio as audio_lib
 from embedspace.multimodal import data as mm_data
 from embedspace.multimodal import evaluate as mm_evaluate
 from embedspace.multimodal import space as space_lib
+from embedspace.space import search
+from embedspace.space import store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,23 +123,23 @@ def test_files_and_search_across_modalities(space, split, tmp_path):
   space_lib.embed_to_file(space, "image", images, str(tmp_path / "images.npz"))
   emb = store.load_embeddings(str(tmp_path / "images.npz"))
   # A caption searches the images: the neighbours are the exact top-k of the caption's vector.
-  got = search.run_query(emb, None, k=5, measure="cosine", text="the number three")
+  got = search_cli.run_query(emb, None, k=5, measure="cosine", text="the number three")
   want_v, want_rows = search.top_k(space.embed("text", ["the number three"]), emb.embeddings,
                                    measure="cosine", k=5)
   assert got["rows"] == want_rows[0].tolist()
   np.testing.assert_allclose(got["values"], want_v[0], rtol=1e-5)
   # --normalize: the same search on unit vectors (across modalities the norms differ).
-  got = search.run_query(emb, None, k=5, measure="euclidean", text="the number three",
+  got = search_cli.run_query(emb, None, k=5, measure="euclidean", text="the number three",
                          normalize=True)
   unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
   want_v, want_rows = search.top_k(unit(space.embed("text", ["the number three"])),
                                    unit(emb.embeddings), measure="euclidean", k=5)
   assert got["rows"] == want_rows[0].tolist()
   np.testing.assert_allclose(got["values"], want_v[0], rtol=1e-5)
-  plain = search.run_query(emb, None, k=5, measure="euclidean", text="the number three")
+  plain = search_cli.run_query(emb, None, k=5, measure="euclidean", text="the number three")
   assert max(got["values"]) <= 2 and not np.allclose(plain["values"], got["values"])
   # A recording searches them too (ImageBind's audio encoder is bound to the images).
-  got = search.run_query(emb, str(folder / "unnamed.wav"), k=3, measure="cosine")
+  got = search_cli.run_query(emb, str(folder / "unnamed.wav"), k=3, measure="cosine")
   want_v, want_rows = search.top_k(space.embed("audio", [split.audio[6]]), emb.embeddings,
                                    measure="cosine", k=3)
   assert got["rows"] == want_rows[0].tolist()

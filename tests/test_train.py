@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -12,8 +13,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import barlow, simclr, vicreg
-from embedspace import metrics as metrics_lib
-from embedspace import losses, optim, parallel, train
+from embedspace import losses, methods, parallel
+from embedspace.core import loop
+from embedspace.core import metrics as metrics_lib
+from embedspace.core import step as step_lib
+from embedspace.core import train as core_train
+from embedspace.core.config_checks import ConfigError
 
 CONFIGS = {"vicreg": vicreg, "simclr": simclr, "barlow": barlow}
 
@@ -35,12 +40,15 @@ def _batches(n_steps, batch, shape=(28, 28, 1), seed=0):
            "view2": rng.normal(size=(batch, *shape)).astype(np.float32)} for _ in range(n_steps)]
 
 
+def _prepare(config, mesh):
+  return core_train.prepare(methods.task(config.method), config, mesh)
+
+
 def _run_steps(config, devices, batches):
   mesh = parallel.make_mesh(devices)
-  model = train.build_model(config)
-  tx = optim.make_optimizer(config)
-  state = parallel.replicate(mesh, train.create_train_state(config, model, tx, (28, 28, 1)))
-  step = train.make_parallel_step(mesh, model=model, tx=tx, config=config)
+  run = _prepare(config, mesh)
+  state = parallel.replicate(mesh, run.state)
+  step = run.parallel_step(mesh)
   losses = []
   for b in batches:
     state, m = step(state, parallel.shard_batch(mesh, b))
@@ -85,13 +93,10 @@ def test_pmap_runs_the_same_per_device_step():
   config = _smoke("vicreg", log_every=1)
   batches = _batches(2, config.batch_size)
   loss_ref, state_ref = _run_steps(config, jax.devices()[:8], batches)
-  model = train.build_model(config)
-  tx = optim.make_optimizer(config)
-  state = train.create_train_state(config, model, tx, (28, 28, 1))
+  run = _prepare(config, parallel.make_mesh(jax.devices()[:8]))
   n = 8
-  state = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), state)
-  step = jax.pmap(lambda s, b: train.train_step(s, b, model=model, tx=tx, config=config,
-                                                axis_name=parallel.AXIS),
+  state = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), run.state)
+  step = jax.pmap(lambda s, b: run.train_step(s, b, axis_name=parallel.AXIS),
                   axis_name=parallel.AXIS)
   losses = []
   for b in batches:
@@ -121,10 +126,9 @@ def test_nonfinite_update_is_skipped_or_freezes_the_state():
   for skip in (True, False):
     config.skip_nonfinite = skip
     mesh = parallel.make_mesh(jax.devices()[:8])
-    model = train.build_model(config)
-    tx = optim.make_optimizer(config)
-    state = parallel.replicate(mesh, train.create_train_state(config, model, tx, (28, 28, 1)))
-    step = train.make_parallel_step(mesh, model=model, tx=tx, config=config)
+    run = _prepare(config, mesh)
+    state = parallel.replicate(mesh, run.state)
+    step = run.parallel_step(mesh)
     state, _ = step(state, parallel.shard_batch(mesh, batches[0]))
     good = jax.device_get(state.params)
     state, m = step(state, parallel.shard_batch(mesh, batches[1]))
@@ -148,7 +152,7 @@ def _final_params(workdir):
 def test_smoke_run_end_to_end_and_resume_after_preemption(tmp_path, monkeypatch):
   config = _smoke("vicreg")
   full = str(tmp_path / "full")
-  report = train.train_and_evaluate(config, full)
+  report = methods.train_and_evaluate(config, full)
   for name in ("eval.json", "metrics.jsonl", "config.json"):
     assert os.path.exists(os.path.join(full, name)), name
   assert os.listdir(os.path.join(full, "tb"))
@@ -162,7 +166,7 @@ def test_smoke_run_end_to_end_and_resume_after_preemption(tmp_path, monkeypatch)
 
   # Same command, preempted by SIGTERM after 4 steps, then rerun: bit-identical parameters.
   resumed = str(tmp_path / "resumed")
-  real = train.make_parallel_step
+  real = step_lib.make_parallel_step
   calls = {"n": 0}
 
   def preempt_after_4(*args, **kwargs):
@@ -175,25 +179,45 @@ def test_smoke_run_end_to_end_and_resume_after_preemption(tmp_path, monkeypatch)
       return step(state, batch)
     return wrapped
 
-  monkeypatch.setattr(train, "make_parallel_step", preempt_after_4)
-  with pytest.raises(train.Preempted) as exc:
-    train.train_and_evaluate(config, resumed)
-  assert exc.value.code == train.PREEMPTED_EXIT_CODE and exc.value.step == 4
-  monkeypatch.setattr(train, "make_parallel_step", real)
-  train.train_and_evaluate(config, resumed)
+  monkeypatch.setattr(step_lib, "make_parallel_step", preempt_after_4)
+  with pytest.raises(loop.Preempted) as exc:
+    methods.train_and_evaluate(config, resumed)
+  assert exc.value.code == loop.PREEMPTED_EXIT_CODE and exc.value.step == 4
+  monkeypatch.setattr(step_lib, "make_parallel_step", real)
+  methods.train_and_evaluate(config, resumed)
   step_full, params_full = _final_params(full)
   step_res, params_res = _final_params(resumed)
   assert step_full == step_res == config.num_steps
   jax.tree.map(np.testing.assert_array_equal, params_res, params_full)
 
+  # The finished run goes on for more steps (the change recorded in its workdir), but never with
+  # another learning rate: that is refused before anything is written.
+  longer = config.copy_and_resolve_references()
+  longer.num_steps, longer.eval.at_end = config.num_steps + 2, False
+  other = longer.copy_and_resolve_references()
+  other.optimizer.base_lr *= 2
+  with pytest.raises(ConfigError, match=r"config\.optimizer\.base_lr="):
+    methods.train_and_evaluate(other, resumed)
+  assert _final_params(resumed)[0] == config.num_steps
+  assert not os.path.exists(os.path.join(resumed, "config_history.jsonl"))
+  assert methods.train_and_evaluate(longer, resumed) == {}
+  assert _final_params(resumed)[0] == longer.num_steps
+  with open(os.path.join(resumed, "config.json"), encoding="utf-8") as f:
+    assert json.load(f)["num_steps"] == longer.num_steps
+  with open(os.path.join(resumed, "config_history.jsonl"), encoding="utf-8") as f:
+    history = [json.loads(line) for line in f]
+  assert [h["changes"] for h in history] == [{
+      "eval.at_end": {"old": True, "new": False},
+      "num_steps": {"old": config.num_steps, "new": longer.num_steps}}]
+
 
 @pytest.mark.parametrize("method", ["vicreg", "simclr", "barlow"])
 def test_ssl_loss_is_the_configured_loss_with_its_hyperparameters(method):
-  # The trainer's dispatch (the one place a config picks a loss), against the loss called
+  # The task table's dispatch (the one place a config picks a loss), against the loss called
   # directly with the config's values; the full step runs in the 8-vs-1 and end-to-end tests.
   config = {"vicreg": vicreg, "simclr": simclr, "barlow": barlow}[method].get_config("smoke")
   z1, z2 = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 32))
-  loss, _ = train.ssl_loss(config, z1, z2, axis_name=None)
+  loss, _ = methods.task(config.method).objective(config.loss, z1, z2, axis_name=None)
   lc = config.loss
   expected = {
       "vicreg": lambda: losses.vicreg_loss(
@@ -205,6 +229,6 @@ def test_ssl_loss_is_the_configured_loss_with_its_hyperparameters(method):
           z1, z2, off_diagonal_weight=lc.off_diagonal_weight)[0],
   }[method]()
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
-  with pytest.raises(ValueError, match="config.method"):
+  with pytest.raises(ConfigError, match="config.method='byol': must be one of"):
     config.method = "byol"
-    train.ssl_loss(config, z1, z2, axis_name=None)
+    methods.task(config.method).objective(config.loss, z1, z2, axis_name=None)

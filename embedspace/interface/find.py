@@ -16,7 +16,7 @@ them cross-attend to the scene's feature map. Outputs:
   scores a scene by its best query: no extra forward per prompt);
 - the prompt token: a box and a mask of the item the prompt names (grounding).
 
-Training (`train_step`, under `train.make_parallel_step`): queries are matched to items by the
+Training (`make_loss_fn`, the loss of the core's step): queries are matched to items by the
 exact minimum-cost assignment, enumerated over all permutations (4! = 24; DETR's Hungarian
 matching for a handful of slots); then mask BCE + dice on matched queries, objectness BCE on all,
 cross-entropy of each matched query's embedding against the ten digits' caption prototypes
@@ -31,7 +31,6 @@ import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,19 +38,7 @@ import ml_collections
 import optax
 
 from embedspace import parallel
-from embedspace import train as ssl_train
 from embedspace.models import resnet
-
-
-class FindState(flax.struct.PyTreeNode):
-  """`train.TrainState` plus the frozen inputs: the image encoder and the class prototypes."""
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  rng: jax.Array
-  skipped: jax.Array
-  frozen: Any  # {"encoder": {"params", "batch_stats"}, "prototypes": [10, D]}: never updated
 
 
 class FindModel(NamedTuple):
@@ -273,23 +260,17 @@ def find_losses(out: dict[str, jax.Array], batch: dict[str, jax.Array], prototyp
           "box_l1": weights.box_l1 * l1, "box_giou": weights.box_giou * giou}
 
 
-def train_step(state: FindState, batch: dict[str, jax.Array], *, model: FindModel,
-               tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
-               axis_name: str | None = parallel.AXIS) -> tuple[FindState, dict[str, jax.Array]]:
-  """One step on this device's rows of `batch` (see `scenes.SceneBatches`); only the interface
-  learns. Returns the new state and device-invariant metrics (global-batch means)."""
-  def loss_fn(params):
+def make_loss_fn(model: FindModel, config: ml_collections.ConfigDict):
+  """The per-device loss (`step.LossFn`) on this device's rows of a batch of scenes (see
+  `scenes.SceneBatches`): the terms of `find_losses` as global-batch means, summed. Only the
+  interface's parameters are trained; the image encoder and prototypes are `state.frozen`."""
+
+  def loss_fn(params, state, batch, rng, *, axis_name):
+    del rng
     out = forward(model, params, state.frozen, batch["canvas"], batch["prompt"])
     terms = find_losses(out, batch, state.frozen["prototypes"], weights=config.loss,
                         temperature=config.loss.temperature)
     terms = {k: parallel.batch_mean(v, axis_name) for k, v in terms.items()}
-    return sum(terms.values()), terms
+    return sum(terms.values()), (terms, state.batch_stats)
 
-  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_state, grads = ssl_train.apply_gradients(
-      state, loss, grads, state.batch_stats, tx=tx, skip_nonfinite=config.skip_nonfinite,
-      axis_name=axis_name)
-  metrics = {"loss": loss, **{f"loss/{k}": v for k, v in terms.items()},
-             "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(state.params),
-             "skipped": new_state.skipped}
-  return new_state, metrics
+  return loss_fn

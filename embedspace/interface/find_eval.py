@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from embedspace import plots
+from embedspace.measure import plots
 from embedspace.interface import find
 from embedspace.interface import scenes as scenes_lib
 from embedspace.multimodal import data as mm_data
@@ -108,7 +108,7 @@ def evaluate_run(config: ml_collections.ConfigDict, env: dict[str, Any], params:
 
   Args:
     config: the run's config.
-    env: `find_train.setup(config)` (model, frozen encoders, splits, prompt banks).
+    env: `find_task.environment(config)` (model, frozen encoders, splits, prompt banks).
     params: the interface's trained parameters (host).
     out_dir: where to write the report (None: nothing written).
 

@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from embedspace import probes
-from embedspace import plots as plots_lib
-from embedspace import retrieval
+from embedspace.measure import probes
+from embedspace.measure import plots as plots_lib
+from embedspace.measure import retrieval
 from embedspace.multimodal import data as data_lib
 from embedspace.multimodal import models
 

@@ -18,10 +18,13 @@ from collections.abc import Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from embedspace import models as image_models
+from embedspace import parallel
 from embedspace.models import resnet
 from embedspace.multimodal import audio as audio_lib
+from embedspace.multimodal import data as data_lib
 from embedspace.multimodal import text as text_lib
 
 
@@ -148,3 +151,32 @@ class MultimodalModel(nn.Module):
   def __call__(self, inputs: Mapping[str, jax.Array], *, train: bool):
     out = {m: self.embed(m, x, train=train) for m, x in inputs.items()}
     return out, {p: self.logit_scale(p) for p in self.pair_names}
+
+
+def pairs_of(config: ml_collections.ConfigDict) -> tuple[tuple[str, str], ...]:
+  """The trained pairs, e.g. (('image', 'audio'), ('image', 'text'))."""
+  return data_lib.parse_pairs(config.pairs)
+
+
+def modalities_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Every modality of a trained pair, in the order image, audio, text."""
+  used = {m for pair in pairs_of(config) for m in pair}
+  return tuple(m for m in data_lib.MODALITIES if m in used)
+
+
+def build_model(config: ml_collections.ConfigDict, *,
+                bn_axis_name: str | None = parallel.AXIS) -> MultimodalModel:
+  """The encoders and heads of every modality of `config.pairs`, one logit scale per pair."""
+  return MultimodalModel(
+      modalities=modalities_of(config), pair_names=tuple("-".join(p) for p in pairs_of(config)),
+      image=config.model.image.to_dict(), audio=config.model.audio.to_dict(),
+      text=config.model.text.to_dict(), projector_dims=tuple(config.model.projector_dims),
+      logit_scale_init=float(config.loss.logit_scale_init), bn_axis_name=bn_axis_name)
+
+
+def dummy_inputs(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """Two zero examples of each modality (shapes only), for `init`."""
+  shapes = {"image": ((2, 28, 28, 1), jnp.float32),
+            "audio": ((2, config.data.audio_samples), jnp.float32),
+            "text": ((2, config.model.text.max_length), jnp.int32)}
+  return {m: jnp.zeros(*shapes[m]) for m in modalities_of(config)}

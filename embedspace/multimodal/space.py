@@ -1,8 +1,8 @@
 """A trained multimodal run as one space: embed raw images, recordings and captions, search across.
 
 ```python
-from embedspace import search
 from embedspace.multimodal import space as mm_space
+from embedspace.space import search
 
 space = mm_space.load("workdirs/imagebind")                     # CLIP, ImageBind or DeCUR run
 images = space.embed("image", uint8_images)                     # [n, 28, 28(, 1)] -> [n, D]
@@ -31,20 +31,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import re
+import time
 import wave
 from typing import Any
 
+import jax
+import ml_collections
 import numpy as np
 
 from embedspace import data as data_lib
+from embedspace.core import workdirs
+from embedspace.multimodal import models
 from embedspace.multimodal import audio as audio_lib
 from embedspace.multimodal import data as mm_data
 from embedspace.multimodal import evaluate as mm_evaluate
 from embedspace.multimodal import text as text_lib
+from embedspace.space import inputs
+from embedspace.space import store
 
-METHODS = ("clip", "imagebind", "decur")
 SPLITS = ("train", "eval")
 
 
@@ -123,19 +130,38 @@ class MultimodalSpace:
     return mm_evaluate.embed_array(self._apply, modality, x, batch_size=self.batch_size)
 
 
+def load_workdir(workdir: str) -> tuple[ml_collections.ConfigDict, models.MultimodalModel,
+                                        dict[str, Any], int]:
+  """`(config, model, variables, step)` of a multimodal run's newest intact checkpoint.
+
+  The model is built without the batch-norm axis (for use on one device or under plain `jit`);
+  `model.apply(variables, modality, x, train=False, method="embed")` gives `(features,
+  embeddings)`. Used by the interfaces over frozen encoders (`configs/palme.py`, `find.py`).
+
+  Raises:
+    FileNotFoundError, checkpointing.NoIntactCheckpointError: see `workdirs.restore_newest`.
+    workdirs.IncompatibleWorkdirError: the run is not multimodal or does not fit this version.
+  """
+  config, variables, step = workdirs.restore_run(
+      workdir, lambda c: "pairs" in c, kind="multimodal", config_file="configs/imagebind.py")
+  model = models.build_model(config, bn_axis_name=None)
+  expected = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), models.dummy_inputs(config), train=False))["params"]
+  workdirs.check_params_fit(workdir, expected, variables["params"])
+  return config, model, variables, step
+
+
 def load(workdir: str, *, batch_size: int = 256) -> MultimodalSpace:
   """The newest intact checkpoint of a CLIP, ImageBind or DeCUR run, ready to embed.
 
   Raises:
     FileNotFoundError, checkpointing.NoIntactCheckpointError, workdirs.IncompatibleWorkdirError:
-      see `multimodal.train.load_workdir`.
+      see `load_workdir`.
     ValueError: `batch_size < 1`.
   """
-  from embedspace.multimodal import train as mm_train
-
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
-  config, model, variables, step = mm_train.load_workdir(workdir)
+  config, model, variables, step = load_workdir(workdir)
   return MultimodalSpace(workdir=os.path.abspath(workdir), step=int(step), config=config,
                          model=model, variables=variables, batch_size=batch_size)
 
@@ -188,7 +214,7 @@ def open_data(space: MultimodalSpace, modality: str, spec: str, *,
   `inputs.open_items` opens (a dataset, a folder, a `.npy`); for audio, a folder of `.wav`
   files (a name starting `<digit>_`, as FSDD's, gives the label); for text, a `.txt` file of one
   caption per line. Everything is read into memory (these data sets hold thousands of small
-  items); `inference.TrainedModel.embed_stream` is the streaming path of the image models.
+  items); `space.image.TrainedModel.embed_stream` is the streaming path of the image models.
 
   Raises:
     ValueError, FileNotFoundError: a spec that names nothing of the modality (says what it takes).
@@ -209,7 +235,6 @@ def open_data(space: MultimodalSpace, modality: str, spec: str, *,
     return Data(items, ids, labels.astype(np.int32), digits,
                 {"kind": "multimodal", "modality": modality, "split": split})
   if modality == "image":
-    from embedspace import inputs
     found = inputs.open_items(spec, channels=1, data_dir=data_dir)
     images, labels = found.read(0, len(found))
     return Data(np.stack([np.asarray(x) for x in images]), np.asarray(found.ids),
@@ -240,9 +265,7 @@ def embed_to_file(space: MultimodalSpace, modality: str, data: Data, path: str) 
 
   Returns the sidecar record.
   """
-  import time
 
-  from embedspace import store
 
   if not len(data.ids):
     raise ValueError("there is nothing to embed: the data holds no items.")
@@ -269,16 +292,14 @@ def embed_query(space: MultimodalSpace, *, text: str | None = None,
     return space.embed("text", [text])[0], f'"{text}"'
   if path.lower().endswith(".wav"):
     return space.embed("audio", [read_wav(path)])[0], os.path.basename(path)
-  from embedspace import inputs
   image = inputs.read_image(path, channels=1)
   return space.embed("image", image[None])[0], os.path.basename(path)
 
 
 def is_multimodal_workdir(workdir: str | None) -> bool:
-  """True when `workdir/config.json` names a CLIP, ImageBind or DeCUR run."""
-  import json
+  """True when `workdir/config.json` is a CLIP, ImageBind or DeCUR run's (it binds `pairs`)."""
   try:
     with open(os.path.join(workdir or "", "config.json"), encoding="utf-8") as f:
-      return json.load(f).get("method") in METHODS
+      return "pairs" in json.load(f)
   except (OSError, ValueError, AttributeError):
     return False

@@ -22,6 +22,7 @@ reach the same verdict); the per-process grain state is covered by its JSON pars
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import logging as py_logging
@@ -83,7 +84,7 @@ class Checkpointer:
     return self._manager.save(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
+            state=ocp.args.StandardSave(saved_tree(state)),
             data=grain.checkpoint.CheckpointSave(data_iterator),
             **{INTEGRITY_ITEM: ocp.args.JsonSave({"sha256": state_digest(state)})}),
         force=force)
@@ -110,7 +111,8 @@ class Checkpointer:
     failures = []
     for step in reversed(steps):
       try:
-        state = self._restore_verified(step, abstract_state, data_iterator)
+        state = from_saved_tree(abstract_state, self._restore_verified(
+            step, saved_tree(abstract_state), data_iterator))
       except Exception as e:  # orbax raises many types for damaged files; we report each one.
         reason = _reason(e)
         logging.warning("checkpoint %s is damaged and is skipped (%s)",
@@ -325,6 +327,23 @@ def _quiet_async_read_errors() -> Iterator[None]:
     sys.unraisablehook, asyncio_logger.disabled = previous, was_disabled
     if count:
       logging.info("suppressed %d follow-up errors of abandoned checkpoint reads", count)
+
+
+def saved_tree(state: Any) -> Any:
+  """What a checkpoint holds of `state`: a dataclass state as a dict of its fields that are not
+  None, so that an optional part a run does not use (`TrainState.frozen`, `.ema`) leaves no
+  trace on disk and checkpoints of states without it restore unchanged."""
+  if dataclasses.is_dataclass(state) and not isinstance(state, type):
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+            if getattr(state, f.name) is not None}
+  return state
+
+
+def from_saved_tree(like: Any, saved: Any) -> Any:
+  """`saved` (see `saved_tree`) back into the type of `like`."""
+  if dataclasses.is_dataclass(like) and not isinstance(like, type):
+    return like.replace(**saved)
+  return saved
 
 
 def abstract_like(tree: Any) -> Any:

@@ -1,23 +1,20 @@
 """Training and evaluating the PaLM-E-style model on frozen ImageBind embeddings.
 
 The image and audio encoders of a trained multimodal run (`config.encoders_workdir`, loaded with
-`multimodal.train.load_workdir`) stay frozen, as PaLM-E's ViT may (Driess et al. 2023 Sec. 4),
+`multimodal.space.load_workdir`) stay frozen, as PaLM-E's ViT may (Driess et al. 2023 Sec. 4),
 so every train and eval item is embedded once per run (a few seconds) and the step sees vectors.
 What is injected is `config.model.source`: 'embeddings', the joint ImageBind space (the default:
 image and audio vectors of a digit are already aligned there, which is the interface this
 project studies; one 64-d vector per item), or 'features', each encoder's output before its
 head (PaLM-E's choice for its ViT, 64-d image / 128-d audio here).
 
-The step is the repository's: a per-device `train_step` compiled by `train.make_parallel_step`
-(`jit(shard_map)` over the 1-D mesh), `train.apply_gradients`, orbax checkpoints with the
-sampler's step (`checkpointing.Checkpointer`), `metrics.MetricWriter`, SIGTERM handling
-(`train.Preemption`). The evaluation decodes every answer greedily with the KV cache
-(`palme.generate`) and reports exact-match accuracy per task against chance.
+Step, loop, checkpoints (with the sampler's step as the data state) and metrics are the core's;
+this task gives the loss on the answer tokens. The evaluation decodes every answer greedily
+with the KV cache (`palme.generate`) and reports exact-match accuracy per task against chance.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -25,51 +22,34 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from absl import logging
 
-from embedspace import checkpointing
-from embedspace import metrics as metrics_lib
-from embedspace import optim
 from embedspace import parallel
-from embedspace import train as ssl_train
-from embedspace import workdirs
-from embedspace.config_checks import ConfigError, check_workdir_config
+from embedspace.core import checkpointing
+from embedspace.core import config_checks
+from embedspace.core import workdirs
+from embedspace.core.config_checks import ConfigError, require
+from embedspace.core.task import Setup
 from embedspace.interface import palme
 from embedspace.interface import palme_data
 from embedspace.multimodal import data as mm_data
-from embedspace.multimodal import train as mm_train
+from embedspace.multimodal import models as mm_models
+from embedspace.multimodal import space as mm_space
 
 SOURCES = ("embeddings", "features")
 TRAIN_ENCODERS = ("python -m embedspace.main --config=configs/imagebind.py "
                   "--workdir=/tmp/imagebind")
-TrainState = ssl_train.TrainState
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first key whose value cannot work."""
-  def require(ok: bool, key: str, should: str) -> None:
-    if not ok:
-      value = config
-      for part in key.split("."):
-        value = value[part]
-      raise ConfigError(f"config.{key}={value!r}: {should}")
-
-  require(config.method == "palme", "method", "must be 'palme'")
-  for key in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
-              "model.width", "model.depth", "model.heads", "model.tokens_per_item",
-              "eval.batch_size", "eval.examples_per_task"):
-    value = config
-    for part in key.split("."):
-      value = value[part]
-    require(isinstance(value, int) and not isinstance(value, bool) and value > 0, key,
-            "must be a positive integer")
-  require(config.model.width % config.model.heads == 0, "model.width",
+  require(config, config.method == "palme", "method", "must be 'palme'")
+  config_checks.require_common(config)
+  config_checks.require_positive_ints(
+      config, ("model.width", "model.depth", "model.heads", "model.tokens_per_item",
+               "eval.batch_size", "eval.examples_per_task"))
+  require(config, config.model.width % config.model.heads == 0, "model.width",
           f"must be divisible by config.model.heads={config.model.heads}")
-  require(config.model.source in SOURCES, "model.source", f"must be one of {SOURCES}")
-  require(config.optimizer.name in optim.OPTIMIZERS, "optimizer.name",
-          f"must be one of {optim.OPTIMIZERS}")
-  require(config.optimizer.base_lr > 0, "optimizer.base_lr", "must be > 0")
+  config_checks.require_one_of(config, "model.source", SOURCES)
 
 
 def load_encoders(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Any, Any]:
@@ -85,12 +65,12 @@ def load_encoders(config: ml_collections.ConfigDict) -> tuple[ml_collections.Con
                       "image and audio encoders from a trained ImageBind run. Train one with "
                       f"`{TRAIN_ENCODERS}` and pass --config.encoders_workdir=/tmp/imagebind")
   try:
-    enc_config, model, variables, _ = mm_train.load_workdir(workdir)
+    enc_config, model, variables, _ = mm_space.load_workdir(workdir)
   except (FileNotFoundError, checkpointing.NoIntactCheckpointError,
           workdirs.IncompatibleWorkdirError) as e:
     raise ConfigError(f"config.encoders_workdir={workdir!r} cannot be used ({e}); train an "
                       f"ImageBind run with `{TRAIN_ENCODERS}`") from None
-  modalities = mm_train.modalities_of(enc_config)
+  modalities = mm_models.modalities_of(enc_config)
   if not {"image", "audio"} <= set(modalities):
     raise ConfigError(f"config.encoders_workdir={workdir!r} has encoders for {modalities}, not "
                       f"both image and audio; train an ImageBind run with `{TRAIN_ENCODERS}`")
@@ -137,56 +117,6 @@ def build_model(config: ml_collections.ConfigDict) -> palme.PalmE:
       audio_token=palme_data.token_id(palme_data.AUDIO), width=m.width, depth=m.depth,
       heads=m.heads, max_length=palme_data.sequence_length(tokens_per_item=m.tokens_per_item),
       tokens_per_item=m.tokens_per_item, use_items=bool(m.use_items))
-
-
-def create_train_state(config: ml_collections.ConfigDict, model: palme.PalmE,
-                       tx: optax.GradientTransformation, *, image_dim: int,
-                       audio_dim: int) -> TrainState:
-  """Initial state on the host (replicate it with `parallel.replicate`)."""
-  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  tokens = jnp.asarray([palme_data.prompt_ids(
-      "same", tokens_per_item=config.model.tokens_per_item)] * 2, jnp.int32)
-  # Jitted: one compile (~1 s) instead of eagerly dispatching each op of each layer (~9 s).
-  params = jax.jit(model.init)(init_rng, tokens, jnp.zeros((2, image_dim)),
-                               jnp.zeros((2, audio_dim)))["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
-                    opt_state=tx.init(params), rng=state_rng, skipped=jnp.zeros((), jnp.int32))
-
-
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: palme.PalmE,
-               tx: optax.GradientTransformation, config: ml_collections.ConfigDict,
-               axis_name: str | None = parallel.AXIS) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One step on this device's rows of `batch` (`palme_data.encode`'s arrays).
-
-  The loss is the mean cross-entropy over every answer token of the global batch. Each device
-  differentiates `devices * (its summed loss) / (global answer tokens)`, whose mean over devices
-  (`apply_gradients`' `pmean`) is the gradient of that global mean.
-  """
-  targets, weights = batch["tokens"][:, 1:], batch["answer_mask"][:, 1:]
-  count = parallel.psum(jnp.sum(weights), axis_name)
-
-  def loss_fn(params):
-    logits, _ = model.apply({"params": params}, batch["tokens"][:, :-1], batch["image"],
-                            batch["audio"])
-    total, _ = palme.answer_loss(logits, targets, weights)
-    return total * parallel.axis_size(axis_name) / count, (total, logits)
-
-  (_, (total, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  loss = parallel.psum(total, axis_name) / count
-  new_state, grads = ssl_train.apply_gradients(
-      state, loss, grads, state.batch_stats, tx=tx, skip_nonfinite=config.skip_nonfinite,
-      axis_name=axis_name)
-  correct = jnp.sum((jnp.argmax(logits, -1) == targets) * weights)
-  metrics = {"loss": loss, "answer_token_accuracy": parallel.psum(correct, axis_name) / count,
-             "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(state.params),
-             "skipped": new_state.skipped}
-  return new_state, metrics
-
-
-def make_parallel_step(mesh: jax.sharding.Mesh, *, model: palme.PalmE,
-                       tx: optax.GradientTransformation, config: ml_collections.ConfigDict):
-  """`train_step` over `mesh`, compiled as every step here is (`train.make_parallel_step`)."""
-  return ssl_train.make_parallel_step(mesh, model=model, tx=tx, config=config, step_fn=train_step)
 
 
 def make_sampler(config: ml_collections.ConfigDict, vectors: dict[str, np.ndarray]
@@ -261,36 +191,17 @@ def load_workdir(workdir: str) -> tuple[ml_collections.ConfigDict, palme.PalmE, 
     FileNotFoundError, checkpointing.NoIntactCheckpointError: see `workdirs.restore_newest`.
     workdirs.IncompatibleWorkdirError: not a PaLM-E-style run, or one this version cannot build.
   """
-  config, variables, step = workdirs.restore_run(workdir, ("palme",), kind="PaLM-E-style",
-                                                  config_file="configs/palme.py")
+  config, variables, step = workdirs.restore_run(
+      workdir, lambda c: c.get("method") == "palme", kind="PaLM-E-style",
+      config_file="configs/palme.py")
   model = build_model(config)
   params = variables["params"]
   dims = {m: params[f"{m}_projector1"]["kernel"].shape[0] if f"{m}_projector1" in params else 1
           for m in ("image", "audio")}
-  expected = jax.eval_shape(lambda: create_train_state(
-      config, model, optax.identity(), image_dim=dims["image"], audio_dim=dims["audio"])).params
+  expected = jax.eval_shape(lambda: init_params(
+      config, model, jax.random.PRNGKey(0), image_dim=dims["image"], audio_dim=dims["audio"]))
   workdirs.check_params_fit(workdir, expected, params)
   return config, model, params, step
-
-
-def check_same_model(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Raises ConfigError when `workdir` holds checkpoints of another `config.model`.
-
-  `config_checks.check_workdir_config` compares only the keys shared by every method; a
-  checkpoint of another depth or number of soft tokens would fail to restore and be moved aside
-  as damaged, so the run would silently start again.
-  """
-  path, ckpts = os.path.join(workdir, "config.json"), os.path.join(workdir, "checkpoints")
-  if not (os.path.isfile(path) and os.path.isdir(ckpts)
-          and any(d.isdigit() for d in os.listdir(ckpts))):
-    return
-  with open(path, encoding="utf-8") as f:
-    saved = json.load(f).get("model", {})
-  for key, value in config.model.to_dict().items():
-    if key in saved and saved[key] != value:
-      raise ConfigError(f"--workdir={workdir} holds checkpoints of a run with "
-                        f"config.model.{key}={saved[key]!r}, not {value!r}; use a new --workdir, "
-                        f"or pass --config.model.{key}={saved[key]} to resume that run.")
 
 
 def write_report(report: dict[str, Any], config: ml_collections.ConfigDict, out_dir: str) -> str:
@@ -320,47 +231,78 @@ def write_report(report: dict[str, Any], config: ml_collections.ConfigDict, out_
   return path
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains `config` in `workdir` (resuming from its newest intact checkpoint), then evaluates.
+def init_params(config: ml_collections.ConfigDict, model: palme.PalmE, rng: jax.Array, *,
+                image_dim: int, audio_dim: int) -> Any:
+  """The initial parameters for items of `image_dim` / `audio_dim` frozen features."""
+  tokens = jnp.asarray([palme_data.prompt_ids(
+      "same", tokens_per_item=config.model.tokens_per_item)] * 2, jnp.int32)
+  # Jitted: one compile (~1 s) instead of eagerly dispatching each op of each layer (~9 s).
+  return jax.jit(model.init)(rng, tokens, jnp.zeros((2, image_dim)),
+                             jnp.zeros((2, audio_dim)))["params"]
 
-  Returns the evaluation report (also `workdir/eval.json` and `workdir/eval/report.md`).
 
-  Raises:
-    ConfigError: bad config values, workdir or `config.encoders_workdir`.
-    checkpointing.NoIntactCheckpointError: the workdir has checkpoints and none can be restored.
-    embedspace.train.NonFiniteLossError: the loss became non-finite (`skip_nonfinite` False).
-    embedspace.train.Preempted: SIGTERM arrived; a checkpoint of the current step was written.
-  """
-  validate(config)
-  mesh = parallel.make_mesh()
-  ssl_train.check_batch_divisible(config, mesh)
-  workdir = os.path.abspath(workdir)
-  check_same_model(config, workdir)
-  vectors = frozen_vectors(config)  # Before the workdir is written: a bad encoder run fails first.
-  check_workdir_config(config, workdir)
-  logging.info("%s", parallel.describe(mesh))
-  sampler = make_sampler(config, vectors["train"])
+def make_loss_fn(model: palme.PalmE):
+  """The per-device loss (`step.LossFn`): mean cross-entropy over every answer token of the
+  global batch. Each device differentiates `devices * (its summed loss) / (global answer
+  tokens)`, whose mean over devices (the step's `pmean`) is the gradient of that global mean."""
 
-  model = build_model(config)
-  tx = optim.make_optimizer(config)
-  state = parallel.replicate(mesh, create_train_state(
-      config, model, tx, image_dim=vectors["train"]["image"].shape[1],
-      audio_dim=vectors["train"]["audio"].shape[1]))
-  ckpt, state, start = ssl_train.restore_or_start(config, workdir, state, sampler)
-  p_step = make_parallel_step(mesh, model=model, tx=tx, config=config)
-  writer = metrics_lib.MetricWriter(workdir)
+  def loss_fn(params, state, batch, rng, *, axis_name):
+    del rng
+    targets, weights = batch["tokens"][:, 1:], batch["answer_mask"][:, 1:]
+    count = parallel.psum(jnp.sum(weights), axis_name)
+    logits, _ = model.apply({"params": params}, batch["tokens"][:, :-1], batch["image"],
+                            batch["audio"])
+    total, _ = palme.answer_loss(logits, targets, weights)
+    return (total * parallel.axis_size(axis_name) / count,
+            ((total, logits, count), state.batch_stats))
 
-  state = ssl_train.run_loop(
-      config, state, step_fn=p_step, batches=sampler, data_state=sampler, mesh=mesh,
-      ckpt=ckpt, writer=writer, workdir=workdir, start=start, items_per_step=config.batch_size,
-      rate_name="prompts_per_sec", shown=("answer_token_accuracy",))
+  return loss_fn
 
-  report = evaluate(config, model, jax.device_get(state.params), vectors["eval"])
-  writer.write_scalars(config.num_steps, {f"eval/{k}": v for k, v in ssl_train.flatten_scalars(
-      {"accuracy": report["accuracy"]}).items()})
-  writer.close()
-  if jax.process_index() == 0:
-    write_report(report, config, os.path.join(workdir, "eval"))
-    with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2)
-  return report
+
+def step_metrics(state: Any, batch: Any, value: jax.Array, outputs: Any, *,
+                 axis_name: str | None) -> dict[str, jax.Array]:
+  """The global answer loss and the answer tokens predicted right."""
+  del state, value
+  total, logits, count = outputs
+  targets, weights = batch["tokens"][:, 1:], batch["answer_mask"][:, 1:]
+  correct = jnp.sum((jnp.argmax(logits, -1) == targets) * weights)
+  return {"loss": parallel.psum(total, axis_name) / count,
+          "answer_token_accuracy": parallel.psum(correct, axis_name) / count}
+
+
+class PalmETask:
+  """The PaLM-E-style decoder over frozen ImageBind vectors (`configs/palme.py`)."""
+
+  def validate(self, config: ml_collections.ConfigDict) -> None:
+    validate(config)
+
+  def setup(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
+    """The frozen vectors of every item (a bad encoders run fails here), prompts, the model."""
+    del mesh
+    vectors = frozen_vectors(config)
+    sampler = make_sampler(config, vectors["train"])
+    model = build_model(config)
+    dims = {"image_dim": vectors["train"]["image"].shape[1],
+            "audio_dim": vectors["train"]["audio"].shape[1]}
+    return Setup(
+        model=model, init=lambda rng: {"params": init_params(config, model, rng, **dims)},
+        loss_fn=make_loss_fn(model), metrics_fn=step_metrics, batches=sampler,
+        data_state=sampler, items_per_step=config.batch_size, rate_name="prompts_per_sec",
+        shown=("answer_token_accuracy",), context={"vectors": vectors})
+
+  def evaluate(self, config: ml_collections.ConfigDict, setup: Setup, state: Any, *,
+               initial: Any, out_dir: str | None) -> dict[str, Any]:
+    """Greedy answers to the eval prompts of every task (`evaluate`), and `report.md`."""
+    del initial
+    report = evaluate(config, setup.model, jax.device_get(state.params),
+                      setup.context["vectors"]["eval"])
+    if out_dir and jax.process_index() == 0:
+      write_report(report, config, out_dir)
+    return report
+
+  def load(self, workdir: str) -> tuple[ml_collections.ConfigDict, palme.PalmE, Any, int]:
+    """`load_workdir(workdir)`: the config, model and parameters of the run."""
+    return load_workdir(workdir)
+
+
+TASK = PalmETask()

@@ -1,7 +1,7 @@
 """Defaults shared by the self-supervised configs (VICReg, SimCLR, Barlow Twins).
 
 Plain values only: anything derived from them (steps per epoch, learning rate for the batch size)
-is computed in `embedspace.train`. Each method's config file starts from `base(method)` and sets
+is computed in the method's task. Each method's config file starts from `base(method)` and sets
 its loss hyperparameters; `smoke(config)` shrinks any config to a run of a few seconds.
 """
 

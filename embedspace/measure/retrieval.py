@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from embedspace import geometry, probes
+from embedspace import geometry
+from embedspace.measure import probes
 
 PLAIN_MEASURES = ("manhattan", "euclidean", "cosine", "negative_arc_length")
 """Measures applied to the features as they are."""

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from embedspace import data as data_lib
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 """File endings a folder is searched for."""
 
@@ -165,8 +167,6 @@ def _array(path: str, *, labels: str | None) -> Items:
 
 
 def _dataset(name: str, split: str, *, data_dir: str | None) -> Items:
-  from embedspace import data as data_lib
-
   data_dir = os.path.abspath(os.path.expanduser(data_dir or data_lib.default_data_dir()))
   source, info = data_lib.get_source(name, split=split, data_dir=data_dir)
 

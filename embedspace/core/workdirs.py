@@ -1,8 +1,8 @@
 """Reading a training workdir: its config and the newest intact checkpoint, for any trainer.
 
-`restore_newest` is the one checkpoint reader of every loader (`inference.load_workdir` for the
-self-supervised models, `multimodal.train.load_workdir`, `palme_train.load_workdir`,
-`find_train.load_workdir`); `restore_run` adds the check of the run's method and
+`restore_newest` is the one checkpoint reader of every loader (each task's `load`, and
+`multimodal.space.load_workdir`, which the interfaces read their frozen encoders with);
+`restore_run` adds the check of the run's kind and
 `check_params_fit` that of its parameter shapes, so a workdir of another kind, version or model
 is one clear error.
 """
@@ -11,17 +11,36 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import ml_collections
 from absl import logging
 
-from embedspace import checkpointing
+from embedspace.core import checkpointing
 
 
 class IncompatibleWorkdirError(ValueError):
   """The workdir's config or checkpoint does not fit the model this version of embedspace builds."""
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a training run wrote to `workdir/config.json`.
+
+  Raises:
+    FileNotFoundError: no `config.json` (not a training workdir).
+    IncompatibleWorkdirError: `config.json` is not a config.
+  """
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{workdir} has no config.json: not a training workdir (train with "
+                            "python -m embedspace.main --config=... --workdir=DIR first).")
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError, TypeError, AttributeError) as e:
+    raise IncompatibleWorkdirError(f"{config_path} is not a config ({e}).") from None
 
 
 def restore_newest(workdir: str) -> tuple[Any, dict[str, Any], int]:
@@ -43,18 +62,8 @@ def restore_newest(workdir: str) -> tuple[Any, dict[str, Any], int]:
     checkpointing.NoIntactCheckpointError: checkpoints exist but none restores.
     IncompatibleWorkdirError: `config.json` is not a config, or the state is not a train state.
   """
-  import ml_collections
-
   workdir = os.path.abspath(workdir)  # orbax refuses relative paths.
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{workdir} has no config.json: not a training workdir (train with "
-                            "python -m embedspace.main --config=... --workdir=DIR first).")
-  try:
-    with open(config_path, encoding="utf-8") as f:
-      config = ml_collections.ConfigDict(json.load(f))
-  except (ValueError, TypeError) as e:
-    raise IncompatibleWorkdirError(f"{config_path} is not a config ({e}).") from None
+  config = read_config(workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   steps = sorted(int(d) for d in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
                  if d.isdigit())
@@ -83,9 +92,9 @@ def restore_newest(workdir: str) -> tuple[Any, dict[str, Any], int]:
       f"no checkpoint under {ckpt_dir} could be restored ({'; '.join(failures)}).")
 
 
-def restore_run(workdir: str, methods: Sequence[str], *, kind: str,
+def restore_run(workdir: str, accepts: Callable[[Any], bool], *, kind: str,
                 config_file: str) -> tuple[Any, dict[str, Any], int]:
-  """`restore_newest(workdir)` for a run whose `config.method` is one of `methods`.
+  """`restore_newest(workdir)` for a run whose config `accepts(config)` (a run of `kind`).
 
   Raises:
     IncompatibleWorkdirError: a run of another method, naming `kind` and how to train one
@@ -93,7 +102,7 @@ def restore_run(workdir: str, methods: Sequence[str], *, kind: str,
     And what `restore_newest` raises.
   """
   config, variables, step = restore_newest(workdir)
-  if config.get("method") not in methods:
+  if not accepts(config):
     raise IncompatibleWorkdirError(
         f"{workdir} is a {config.get('method', 'self-supervised')!r} run, not a {kind} one "
         f"(train one with python -m embedspace.main --config={config_file} --workdir=DIR)")

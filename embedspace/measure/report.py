@@ -26,7 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from embedspace import geometry, losses, ood, retrieval
+from embedspace import geometry, losses
+from embedspace.measure import ood
+from embedspace.measure import retrieval
 
 HISTOGRAM_MEASURES = ("hamming_64", "manhattan", "euclidean", "cosine", "negative_arc_length",
                       "mahalanobis")

@@ -1,7 +1,7 @@
 """Defaults shared by the multimodal configs (CLIP, ImageBind, DeCUR) on the shipped digits.
 
 Plain values only (what follows from them, e.g. the modalities of `pairs`, is computed in
-`embedspace.multimodal.train`). A config file starts from `base(method, pairs)`, sets its loss
+`embedspace.multimodal.models`). A config file starts from `base(method, pairs)`, sets its loss
 and calls `apply_variants`; `:smoke` shrinks any of them to a run of a few seconds. Variants are
 comma-separated words after the config path, e.g. `configs/decur.py:barlow,smoke`.
 """
@@ -26,7 +26,7 @@ def parse_variants(arg: str | None, known: tuple[str, ...]) -> set[str]:
 def base(method: str, pairs: str) -> ml_collections.ConfigDict:
   """A multimodal run of a few minutes on 2 CPU cores: MNIST 8k/2k, FSDD 2,700/300, captions."""
   c = ml_collections.ConfigDict()
-  c.method = method  # 'clip' | 'imagebind' | 'decur': main.py dispatches on it
+  c.method = method  # 'clip' | 'imagebind' | 'decur': embedspace.methods maps it to its task
   c.pairs = pairs  # comma-separated 'a-b' pairs of image/audio/text trained with the loss
   c.seed = 0
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from embedspace import search
+from embedspace.space import search
 
 
 def _faiss() -> Any:

@@ -1,6 +1,6 @@
 """A trained embedding model, loaded from its workdir: `embedspace.load(workdir).embed(images)`.
 
-`load_workdir` restores the config and the newest intact checkpoint of a training run (each array
+`trained_model` takes the variables of a training run (restored by `core.workdirs`, each array
 checked against the sha256 record training wrote) and checks that the parameters have the shapes
 the config builds, so a workdir of another version or model is one clear error, not a shape
 error deep inside the forward pass. `TrainedModel.embed` maps raw uint8 images to embeddings
@@ -25,8 +25,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
-from embedspace import checkpointing, parallel
-from embedspace.workdirs import IncompatibleWorkdirError, restore_newest
+from embedspace import parallel
+from embedspace.core import checkpointing
+from embedspace.core.workdirs import IncompatibleWorkdirError
+from embedspace.data import normalization
+from embedspace.data.augment import center_view
 
 ApplyFn = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
 
@@ -136,19 +139,16 @@ def _input_channels(variables: Mapping[str, Any]) -> int:
   return int(np.shape(variables["params"]["encoder"]["conv_stem"]["kernel"])[2])
 
 
-def _check_compatible(config: Any, variables: dict[str, Any], workdir: str) -> Any:
-  """The model `config` builds, after checking that `variables` have its parameter shapes.
+def check_compatible(model: Any, config: Any, variables: Mapping[str, Any], workdir: str) -> None:
+  """Checks that `variables` have the parameter shapes of `model` (built from `config`).
 
   Raises:
     IncompatibleWorkdirError: a config key the model needs is missing or invalid, or a
       parameter is missing, extra or of another shape.
   """
-  from embedspace import train
-
   hint = (f"{workdir} was written by another version of embedspace or for another model; "
           "load it with the version that trained it, or train again")
   try:
-    model = train.build_model(config)
     image_size = int(config.data.image_size)
     channels = _input_channels(variables)
   except (KeyError, AttributeError, TypeError, ValueError) as e:
@@ -166,23 +166,6 @@ def _check_compatible(config: Any, variables: dict[str, Any], workdir: str) -> A
     raise IncompatibleWorkdirError(
         f"{hint}: {len(differ)} parameter(s) differ from what config.json builds, first {first} "
         f"(checkpoint {have.get(first, 'missing')}, config {want.get(first, 'missing')}).")
-  return model
-
-
-def load_workdir(workdir: str) -> tuple[Any, Any, dict[str, Any], int]:
-  """The config, model and variables of the newest intact checkpoint of a training run.
-
-  `restore_newest`, then a check of the parameters against the model the config builds.
-
-  Returns:
-    `(config, model, {"params", "batch_stats"}, step)`.
-
-  Raises:
-    FileNotFoundError, checkpointing.NoIntactCheckpointError: see `restore_newest`.
-    IncompatibleWorkdirError: config or parameters do not fit this version's model.
-  """
-  config, variables, step = restore_newest(workdir)
-  return config, _check_compatible(config, variables, workdir), variables, step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,8 +232,6 @@ class TrainedModel:
         image of non-uint8 pixels, a wrong rank, another channel count than the model's, or
         (without `resize`) another size than `S x S`.
     """
-    from embedspace.data.augment import center_view
-
     mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
     if isinstance(images, np.ndarray) and images.ndim not in (3, 4):
       raise ValueError(f"images must be [n, H, W] or [n, H, W, C]; got shape {images.shape}.")
@@ -346,9 +327,13 @@ def _collect(dispatched: list[tuple[jax.Array, int]], dim: int) -> np.ndarray:
   return np.concatenate([np.asarray(out)[:n] for out, n in dispatched]).astype(np.float32)
 
 
-def load(workdir: str, *, batch_size: int = 256,
-         devices: Sequence[jax.Device] | None = None) -> TrainedModel:
-  """The newest intact checkpoint of a training workdir, ready to embed raw images.
+def trained_model(workdir: str, config: Any, model: Any, variables: Mapping[str, Any], step: int,
+                  *, batch_size: int = 256, devices: Sequence[jax.Device] | None = None
+                  ) -> TrainedModel:
+  """A `TrainedModel` of `model` (an `EmbeddingModel`) with `variables` restored from `workdir`.
+
+  The method's task builds `model` from the workdir's `config` (`embedspace.load(workdir)` is
+  the public way in); this checks the shapes and places the variables on `devices`.
 
   ```python
   import embedspace
@@ -358,24 +343,16 @@ def load(workdir: str, *, batch_size: int = 256,
   ```
 
   Args:
-    workdir: a training workdir (`config.json` and `checkpoints/`).
     batch_size: images per forward call; rounded up to a multiple of the device count.
     devices: the devices to shard batches over (default: all of this process's).
 
-  Returns:
-    A `TrainedModel`.
-
   Raises:
-    FileNotFoundError: `workdir` has no `config.json` or no checkpoint.
-    checkpointing.NoIntactCheckpointError: no checkpoint restores intact.
     IncompatibleWorkdirError: the workdir comes from another version or model.
     ValueError: if `batch_size < 1`.
   """
-  from embedspace.data import normalization
-
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
-  config, model, variables, step = load_workdir(workdir)
+  check_compatible(model, config, variables, workdir)
   mesh = parallel.make_mesh(jax.local_devices() if devices is None else devices)
   n = mesh.devices.size
   channels = _input_channels(variables)

@@ -2,7 +2,7 @@
 
 Each `plot_*` takes arrays computed by `report` (class similarity, pair distributions, geodesic
 distances, dimension usage, OOD scores, 2-D maps), writes one PNG and returns its path;
-`evaluate.evaluate_run` and `embedspace.search --class_map` call them, and `write_markdown` in
+`ssl.evaluate.evaluate_run` and `embedspace.search --class_map` call them, and `write_markdown` in
 `report` links them from `report.md`.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from embedspace import ood
+from embedspace.measure import ood
 
 
 def pyplot():
