@@ -8,9 +8,11 @@ setuptools.setup(
     description="Learning and measuring embedding spaces (SSL and multimodal) in JAX/Flax.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["embedspace", "embedspace.*"]),
     package_data={"embedspace": ["py.typed"], "embedspace.data": ["assets/*/*"],
+                  "embedspace.space": ["assets/pretrained/**/*"],
                   "embedspace.multimodal": ["assets/*/*"]},
     include_package_data=True,
     entry_points={"console_scripts": [

@@ -23,6 +23,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 # libgomp (torch's and faiss's OpenMP) spin-waits at its barriers by default; when the cores are
 # shared with other processes that made a 128 x 256 NT-Xent loss 107 ms instead of 3.8 ms on 2
 # threads here. Passive waiting is the fair setting for the references on a shared machine; it
@@ -230,10 +234,43 @@ def markdown_report(rows: Sequence[dict[str, Any]], info: dict[str, Any], comman
       benchmarks.append(r["benchmark"])
   for b in benchmarks:
     mine = [r for r in rows if r["benchmark"] == b]
-    out += ["", f"### {b}", "", markdown_table([r for r in mine if not r.get("summary")])]
+    out += ["", f"### {b}", ""]
+    source = mine[0].get("source")
+    if source and source.get("command") != command:
+      out += [_source_line(source), ""]
+    out += [markdown_table([r for r in mine if not r.get("summary")])]
     notes = [r["note"] for r in mine if r.get("note")]
     out += [""] + [f"- {n}" for n in notes] if notes else []
   return "\n".join(out) + "\n"
+
+
+def provenance(command: str, info: dict[str, Any], *, date: str | None = None) -> dict[str, Any]:
+  """Where a row was measured: the command, CPU, cores and load average (kept in results.json)."""
+  return {"command": command, "cpu": info.get("cpu"), "cores": info.get("cores"),
+          "loadavg_1_5_15": list(info.get("loadavg_1_5_15") or ()),
+          "date": time.strftime("%Y-%m-%d") if date is None else date}
+
+
+def kept_rows(out_dir: str, *, exclude: Sequence[str]) -> list[dict[str, Any]]:
+  """Rows of `out_dir/results.json` of benchmarks not in `exclude`, each with its `source`.
+
+  Rows written before rows carried a `source` get the file's own command and machine.
+  """
+  path = os.path.join(out_dir, "results.json")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    old = json.load(f)
+  default = provenance(old.get("command", "?"), old.get("machine", {}), date="")
+  return [{**r, "source": r.get("source") or default} for r in old.get("rows", [])
+          if r.get("benchmark") not in exclude]
+
+
+def _source_line(source: dict[str, Any]) -> str:
+  load = source.get("loadavg_1_5_15") or [float("nan")] * 2
+  date = f"{source['date']}; " if source.get("date") else ""
+  return (f"_From `{source.get('command')}` ({date}{source.get('cpu')}, "
+          f"{source.get('cores')} cores, load average at the end {load[0]:.2f} / {load[1]:.2f})._")
 
 
 def write_results(out_dir: str, rows: Sequence[dict[str, Any]], info: dict[str, Any],
@@ -280,3 +317,29 @@ def torch_sync(device: str) -> None:
   if device == "cuda":
     import torch
     torch.cuda.synchronize()
+
+
+def cost(compiled: Any) -> tuple[float, float]:
+  """(`flops`, `bytes accessed`) of XLA's cost analysis of a compiled program."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # Older jax: a list of one dict per program.
+    analysis = analysis[0]
+  return (float(analysis.get("flops", float("nan"))),
+          float(analysis.get("bytes accessed", float("nan"))))
+
+
+def matmul_peak(n: int, repeats: int, device: str) -> dict[str, dict[str, Any]]:
+  """Stats of a float32 `[n, n] @ [n, n]` in JAX (default precision) and in torch, interleaved."""
+  import torch  # Deferred: torch is the optional `bench` extra (and needs OMP_WAIT_POLICY first).
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  mm = jax.jit(jnp.matmul)
+  ta, tb = torch.tensor(np.asarray(a), device=device), torch.tensor(np.asarray(b), device=device)
+
+  def torch_mm():
+    out = ta @ tb
+    torch_sync(device)
+    return out
+
+  return compare({"jax": lambda: mm(a, b).block_until_ready(), "torch": torch_mm},
+                        repeats=repeats, warmup=2)

@@ -6,12 +6,17 @@
   python benchmarks/run_all.py --out=/tmp/bench --only=losses,knn
 
 Benchmarks: `losses` (embedspace's losses vs lightly's), `train_step` (the VICReg training
-step vs a PyTorch + lightly loop, and the step's FLOP/s vs a matmul), `knn` (blocked `top_k`
-vs faiss and scikit-learn) and, when present, `big_batch` (another module with the same
-`run(quick) -> list[dict]` interface). Each module is also runnable alone. Nothing here picks a
-device: JAX runs on its default backend and torch on CUDA when it sees one, so the same command
-runs on an accelerator machine. Only the generated part of RESULTS.md (between its markers) is
-rewritten; the analysis written around it is kept.
+step vs a PyTorch + lightly loop, and the step's FLOP/s vs a matmul), `vit_step` (the ViT
+training step vs the same ViT in PyTorch, eager and `torch.compile`), `knn` (blocked `top_k`
+vs faiss and scikit-learn), `race` (whole VICReg and SimCLR training runs vs PyTorch + lightly:
+accuracy curves, wall time, time to accuracy; ~1.5 h of the full run on 2 quiet cores) and,
+when present, `big_batch` (another module with the same `run(quick) -> list[dict]` interface).
+Each module is also runnable alone. Nothing here picks a device: JAX runs on its default backend
+and torch on CUDA when it sees one, so the same command runs on an accelerator machine. Only the
+generated part of RESULTS.md (between its markers) is rewritten; the analysis written around it
+is kept. With `--only`, the other benchmarks' rows already in `--out`'s results.json are kept
+(their sections name the command and machine they came from), so one benchmark can be rerun
+without losing the others.
 """
 
 from __future__ import annotations
@@ -30,10 +35,10 @@ if __package__ in (None, ""):
 
 from benchmarks import common
 
-BENCHMARKS = ("losses", "train_step", "knn", "big_batch")
+BENCHMARKS = ("losses", "train_step", "vit_step", "knn", "race", "big_batch")
 """Modules of `benchmarks/` run in this order; a missing optional one (big_batch) is skipped."""
 
-_REQUIRED = ("losses", "train_step", "knn")
+_REQUIRED = ("losses", "train_step", "vit_step", "knn", "race")
 
 
 def run_benchmarks(names: list[str], quick: bool, *, compile_torch: bool) -> list[dict[str, Any]]:
@@ -48,7 +53,7 @@ def run_benchmarks(names: list[str], quick: bool, *, compile_torch: bool) -> lis
     t0 = time.perf_counter()
     try:
       module = importlib.import_module(module_name)
-      if name == "train_step":
+      if name in ("train_step", "vit_step"):
         out = module.run(quick, compile_=compile_torch)
       else:
         out = module.run(quick)
@@ -94,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
   t0 = time.perf_counter()
   rows = run_benchmarks(names, args.quick, compile_torch=not args.no_torch_compile)
   info = common.machine_info()
+  source = common.provenance(command, info)
+  rows = [{**r, "source": source} for r in rows]
+  if set(names) != set(BENCHMARKS):
+    rows = common.kept_rows(args.out, exclude=names) + rows
   json_path, md_path = common.write_results(args.out, rows, info, command,
                                             time.perf_counter() - t0)
   print(f"[run_all] wrote {json_path} and {md_path}", file=sys.stderr)

@@ -29,7 +29,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 if __package__ in (None, ""):
@@ -43,32 +42,6 @@ from embedspace import parallel
 from embedspace.core import train as core_train
 
 
-def cost(compiled: Any) -> tuple[float, float]:
-  """(`flops`, `bytes accessed`) of XLA's cost analysis of a compiled program."""
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # Older jax: a list of one dict per program.
-    analysis = analysis[0]
-  return (float(analysis.get("flops", float("nan"))),
-          float(analysis.get("bytes accessed", float("nan"))))
-
-
-def matmul_peak(n: int, repeats: int, device: str) -> dict[str, dict[str, Any]]:
-  """Stats of a float32 `[n, n] @ [n, n]` in JAX (default precision) and in torch, interleaved."""
-  import torch
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-  mm = jax.jit(jnp.matmul)
-  ta, tb = torch.tensor(np.asarray(a), device=device), torch.tensor(np.asarray(b), device=device)
-
-  def torch_mm():
-    out = ta @ tb
-    common.torch_sync(device)
-    return out
-
-  return common.compare({"jax": lambda: mm(a, b).block_until_ready(), "torch": torch_mm},
-                        repeats=repeats, warmup=2)
-
-
 def jax_step(config, batch_np: dict[str, np.ndarray]):
   """embedspace's compiled step (a blocking closure over its state) and its XLA cost."""
   mesh = parallel.make_mesh(jax.devices()[:1])
@@ -76,7 +49,7 @@ def jax_step(config, batch_np: dict[str, np.ndarray]):
   state = parallel.replicate(mesh, run.state)
   batch = parallel.shard_batch(mesh, batch_np)
   p_step = run.parallel_step(mesh)
-  flops_bytes = cost(p_step.lower(state, batch).compile())
+  flops_bytes = common.cost(p_step.lower(state, batch).compile())
   holder = {"state": state}
 
   def step():
@@ -188,7 +161,7 @@ def run(quick: bool, *, compile_: bool = True) -> list[dict[str, Any]]:
   stats = common.compare(fns, repeats=3 if quick else 10, warmup=1 if quick else 2,
                          budget_s=5.0 if quick else 150.0)
   n = 512 if quick else 4096
-  mm_stats = matmul_peak(n, repeats=3 if quick else 5, device=device)
+  mm_stats = common.matmul_peak(n, repeats=3 if quick else 5, device=device)
   peak = 2 * n ** 3 / mm_stats["jax"]["median_s"]
   achieved = flops / stats["jax"]["median_s"]
   case = (f"VICReg step, {b} pairs of {shape[1]}x{shape[2]}x1, stages "

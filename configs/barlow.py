@@ -11,4 +11,4 @@ def get_config(arg: str | None = None):
   variant = common.parse_variant(arg)
   c = common.base("barlow")
   c.loss.off_diagonal_weight = 5e-3
-  return common.smoke(c) if variant == "smoke" else c
+  return common.apply_variant(c, variant)

@@ -69,6 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.batch_size = 250
   c.eval.window_stride = 4  # baseline: 28x28 windows every 4 px (100 per scene)
   c.eval.plots = True
+  c.eval.rerun = False  # True: evaluate a finished run again though its eval.json is up to date
   if "smoke" in variants:
     c.scenes.canvas_size = 56
     c.model.width, c.model.depth, c.model.heads = 16, 1, 2

@@ -54,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.batch_size = 500
   c.eval.examples_per_task = 1000  # what_audio: all 300 test clips
   c.eval.num_shown = 3  # example prompts per task in report.md
+  c.eval.rerun = False  # True: evaluate a finished run again though its eval.json is up to date
 
   if "smoke" in variants:
     c.model.width, c.model.depth, c.model.heads = 32, 1, 2

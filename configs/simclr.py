@@ -14,4 +14,4 @@ def get_config(arg: str | None = None):
   c.loss.temperature = 0.2
   c.loss.similarity = "cosine"  # or 'arc_length': the seed's negative arc length (geodesic)
   c.model.projector_dims = (512, 128)
-  return common.smoke(c) if variant == "smoke" else c
+  return common.apply_variant(c, variant)

@@ -14,4 +14,4 @@ def get_config(arg: str | None = None):
   c.loss.invariance_weight = 25.0
   c.loss.variance_weight = 25.0
   c.loss.covariance_weight = 1.0
-  return common.smoke(c) if variant == "smoke" else c
+  return common.apply_variant(c, variant)

@@ -20,15 +20,18 @@ import os
 import re
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from embedspace.space import inputs
-from embedspace.space import store
 from embedspace.core.cli import fail
+from embedspace.space import store  # numpy only: --help stays fast
+
+if TYPE_CHECKING:
+  from embedspace.space import inputs
 
 
 def embed_items(model: Any, items: inputs.Items, path: str, *, output: str = "encoder",
-                resize: bool = False, progress: bool = True) -> dict[str, Any]:
+                resize: bool = False, progress: bool = True,
+                overwrite: bool = True) -> dict[str, Any]:
   """Embeds every item with `model` into the embeddings file `path` (and its sidecar).
 
   Args:
@@ -38,6 +41,7 @@ def embed_items(model: Any, items: inputs.Items, path: str, *, output: str = "en
     output: "encoder" or "projector".
     resize: resize images of another size than the model's (see `TrainedModel.preprocess`).
     progress: show a progress bar with items/s on stderr.
+    overwrite: replace an existing embeddings file at `path` (see `store.check_output`).
 
   Returns:
     The sidecar record (also in `store.sidecar_path(path)`), with "seconds" and
@@ -73,7 +77,7 @@ def embed_items(model: Any, items: inputs.Items, path: str, *, output: str = "en
              desc=f"embedding ({output})", file=sys.stderr)
   try:
     with store.EmbeddingsWriter(path, num=len(items), dim=model.dim(output), ids=items.ids,
-                                meta=meta) as writer:
+                                meta=meta, overwrite=overwrite) as writer:
       for start, rows in zip(range(0, len(items), size),
                              model.embed_stream(chunks(), output=output, resize=resize)):
         writer.write(rows, labels_of.pop(start))
@@ -103,12 +107,16 @@ def main(argv: list[str]) -> None:
   from absl import flags
 
   from embedspace import methods  # After flag parsing: --help stays fast.
+  from embedspace.core import console
   from embedspace.multimodal import space as space_lib
   from embedspace.space import image as inference
+  from embedspace.space import inputs
 
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
   f = flags.FLAGS
+  if f.batch_size < 1:
+    fail(f"--batch_size={f.batch_size}: must be >= 1")
   if space_lib.is_multimodal_workdir(f.workdir):
     _embed_multimodal(f)
     return
@@ -117,13 +125,15 @@ def main(argv: list[str]) -> None:
          "DeCUR); its model embeds images only")
   if f.output not in inference.OUTPUTS:
     fail(f"--output={f.output}: valid outputs are {', '.join(inference.OUTPUTS)}")
+  out = checked_out(f, default_out(os.path.abspath(f.workdir), f.data, f.output))
   try:
     model = methods.load(f.workdir, batch_size=f.batch_size)
     items = inputs.open_items(f.data, channels=model.channels, data_dir=f.data_dir,
                               labels=f.labels)
-    out = f.out or default_out(model.workdir, f.data, f.output)
+    print(f"embedding {f.data} with {model.workdir} ({model.config.method}, step {model.step}, "
+          f"{f.output}) on {console.where()} into {out}", flush=True)
     meta = embed_items(model, items, out, output=f.output, resize=f.resize,
-                       progress=f.progress)
+                       progress=f.progress, overwrite=f.overwrite)
   except (*inference.LOAD_ERRORS, ValueError, ImportError) as e:
     fail(str(e))
   print(f"wrote {meta['shape'][0]} embeddings ({meta['shape'][1]}-d, {f.output}, step "
@@ -131,21 +141,36 @@ def main(argv: list[str]) -> None:
         f"({meta['items_per_second']:.0f} items/s)", flush=True)
 
 
+def checked_out(f: Any, default: str) -> str:
+  """The `.npz` that `--out` (or `default`) names, if it may be written (`store.check_output`:
+  never an input, a directory, a device or a JSON that is not its sidecar; an existing
+  embeddings file only with --overwrite); else the one-line error."""
+  try:
+    return store.check_output(f.out or default, overwrite=f.overwrite,
+                              inputs=[p for p in (f.data, f.labels) if p])
+  except ValueError as e:
+    fail(f"--out: {e}")
+
+
 def _embed_multimodal(f: Any) -> None:
   """`main` for a CLIP, ImageBind or DeCUR workdir: one modality into the joint space."""
-  from embedspace.multimodal import space as space_lib  # After flag parsing: --help stays fast.
+  from embedspace.core import console  # After flag parsing: --help stays fast.
+  from embedspace.multimodal import space as space_lib
   from embedspace.space import image as inference
 
   if f.modality is None:
     fail(f"--modality: {f.workdir} is a multimodal run; pass --modality=image, audio or text")
+  out = checked_out(f, default_out(os.path.abspath(f.workdir), f"{f.data}_{f.modality}",
+                                   "joint"))
   try:
     space = space_lib.load(f.workdir, batch_size=f.batch_size)
     if f.modality not in space.modalities:
       fail(f"--modality={f.modality}: {f.workdir} embeds {', '.join(space.modalities)}; pass "
            "one of them")
     data = space_lib.open_data(space, f.modality, f.data, data_dir=f.data_dir)
-    out = f.out or default_out(space.workdir, f"{f.data}_{f.modality}", "joint")
-    meta = space_lib.embed_to_file(space, f.modality, data, out)
+    print(f"embedding {f.modality} {f.data} with {space.workdir} (step {space.step}) on "
+          f"{console.where()} into {out}", flush=True)
+    meta = space_lib.embed_to_file(space, f.modality, data, out, overwrite=f.overwrite)
   except (*inference.LOAD_ERRORS, ValueError, ImportError) as e:
     fail(str(e))
   print(f"wrote {meta['shape'][0]} {f.modality} embeddings ({meta['shape'][1]}-d joint space, "
@@ -160,6 +185,8 @@ def _define_flags() -> None:
                       "image files, or a .npy of uint8 images [n, H, W(, C)].")
   flags.DEFINE_string("out", None, "The .npz to write (default "
                       "WORKDIR/embeddings/<data>_<output>.npz); the sidecar goes beside it.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing embeddings file at --out (never "
+                    "an input, a directory or another JSON).")
   flags.DEFINE_string("output", "encoder", "encoder (features) or projector (embeddings).")
   flags.DEFINE_bool("resize", False, "Take the central square of images of another size, "
                     "resized to the model's (as the evaluation does); without it they are an "
@@ -178,8 +205,9 @@ def run() -> None:
   """The console script `embedspace-embed` (the same as `python -m embedspace.embed`)."""
   from absl import app
 
-  from embedspace.core.cli import parse_flags
+  from embedspace.core.cli import parse_flags, usage_from
   _define_flags()
+  usage_from(__doc__, __name__)
   app.run(main, flags_parser=parse_flags)
 
 

@@ -11,7 +11,8 @@ runs on the newest intact checkpoint exactly as at the end of training
 measure, OOD and geometry beside raw pixels and the random encoder (`ssl.evaluate`); for
 CLIP/ImageBind/DeCUR zero-shot, retrieval and emergent alignment; for the interfaces their
 accuracy against baselines. The flags below the first two set the image evaluation's options.
-Exit codes: 0 done, 2 bad input (one line `error: ...`).
+Exit codes: 0 done, 2 bad input (one line `error: ...`), 3 the model's embeddings are not finite
+(NaN or inf; one line naming how many).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from absl import flags
 
 from embedspace.core.cli import fail
 
+NONFINITE_EXIT_CODE = 3
+
 SUMMARY_KEYS = ("trained", "random_init", "raw_pixels", "zero_shot", "retrieval", "probe",
                 "accuracy", "interface", "baseline_windows")
 
@@ -31,16 +34,23 @@ SUMMARY_KEYS = ("trained", "random_init", "raw_pixels", "zero_shot", "retrieval"
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
-  from embedspace import methods  # After flag parsing: --help stays fast.
+  from embedspace import data, geometry, methods  # After flag parsing: --help stays fast.
   from embedspace.core import train as core_train
-  from embedspace.core import workdirs
+  from embedspace.core import lock, workdirs
   from embedspace.core.config_checks import ConfigError
   from embedspace.space import image as image_space
 
   f = flags.FLAGS
+  code_lengths = _checked_flags(f)
   try:
     task = methods.task(methods.method_of(f.workdir))
     config = workdirs.read_config(f.workdir)
+    if f.ood_dataset:  # Before the evaluation's minutes of work, not after them.
+      try:
+        data.get_source(f.ood_dataset, split="test", data_dir=config.get("data", {}).get(
+            "data_dir"))
+      except (ValueError, FileNotFoundError) as e:
+        fail(f"--ood_dataset={f.ood_dataset}: {e} (--ood_dataset='' skips OOD)")
     if "knn_k" in config.get("eval", {}):  # An image space: the evaluation's options apply.
       with config.unlocked():
         config.eval.full = True  # every measure, OOD, geometry and pictures, whatever trained
@@ -48,13 +58,38 @@ def main(argv: list[str]) -> None:
         for key in ("ood_dataset", "tsne", "max_pair_points", "code_lengths"):
           if f[key].present or key not in config.eval:
             value = f[key].value
-            config.eval[key] = tuple(int(b) for b in value) if key == "code_lengths" else value
+            config.eval[key] = code_lengths if key == "code_lengths" else value
     report = core_train.evaluate_workdir(task, f.workdir, config=config, out_dir=f.out_dir)
-  except (*image_space.LOAD_ERRORS, ConfigError) as e:
+  except (*image_space.LOAD_ERRORS, ConfigError, lock.LockError) as e:
     fail(str(e))
+  except geometry.NonFiniteError as e:
+    fail(str(e), NONFINITE_EXIT_CODE)
   out_dir = f.out_dir or os.path.join(f.workdir, "eval")
   summary = {k: report[k] for k in SUMMARY_KEYS if k in report}
   print(f"evaluation of {f.workdir} (report in {out_dir}): {json.dumps(summary)}", flush=True)
+
+
+def _checked_flags(f: flags.FlagValues) -> tuple[int, ...]:
+  """Fails (one line, exit 2) on a flag value the evaluation would trip over after minutes of
+  work; returns the code lengths as ints."""
+  try:
+    code_lengths = tuple(int(b) for b in f.code_lengths)
+  except ValueError:
+    code_lengths = ()
+  if not code_lengths or min(code_lengths) < 1:
+    fail(f"--code_lengths={','.join(f.code_lengths)}: pass positive integers (bits of the "
+         "Hamming codes), e.g. --code_lengths=16,64,256")
+  if f.max_pair_points < 2:
+    fail(f"--max_pair_points={f.max_pair_points}: must be >= 2 (the pair statistics need pairs)")
+  out_dir = os.path.abspath(f.out_dir or os.path.join(f.workdir, "eval"))
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    fail(f"--out_dir={out_dir} is a file; pass a directory (it is created if missing)")
+  parent = out_dir
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+    fail(f"--out_dir={out_dir}: {parent} is not a writable directory; pass one you can write to")
+  return code_lengths
 
 
 def _define_flags() -> None:
@@ -73,8 +108,9 @@ def run() -> None:
   """The console script `embedspace-evaluate` (the same as `python -m embedspace.evaluate`)."""
   from absl import app
 
-  from embedspace.core.cli import parse_flags
+  from embedspace.core.cli import parse_flags, usage_from
   _define_flags()
+  usage_from(__doc__, __name__)
   app.run(main, flags_parser=parse_flags)
 
 

@@ -5,23 +5,27 @@
 Several processes (TPU hosts, GPU nodes, or localhost) start with the arguments of
 `jax.distributed.initialize`: --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 Without them, a TPU pod slice or a SLURM job is detected by JAX; elsewhere the run is one process.
-Exit codes: 0 done, 2 bad input (one line `error: ...` names it and the fix; nothing is written),
-3 non-finite loss (the last good checkpoint is kept), 69 another process of a multi-process run
-failed (restart all of them with the same command to resume from the last checkpoint), 75
-preempted (SIGTERM; a checkpoint of the step in progress was written: rerun the same command to
-resume).
+Exit codes: 0 done, 2 bad input (one line `error: ...` names it and the fix; nothing is written;
+also a workdir in use by another run), 3 non-finite loss (the last good checkpoint is kept) or
+embeddings (the evaluation refuses them), 69 another process of a multi-process run failed
+(restart all of them with the same command to resume from the last checkpoint), 75 preempted
+(SIGTERM; a checkpoint of the step in progress was written: rerun the same command to resume),
+130 interrupted (Ctrl-C; as 75, or says that no checkpoint was written).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+
+from embedspace.core import cli
+from embedspace.core.cli import fail
 
 config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/vicreg.py.",
                                 lock_config=True)
@@ -49,21 +53,15 @@ def default_workdir() -> str:
   return os.path.join("workdirs", f"{name}_{variant}" if variant else name)
 
 
-def fail(message: str, code: int = BAD_INPUT_EXIT_CODE) -> NoReturn:
-  """Prints `error: message` as one line to stderr and exits with `code`."""
-  print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
-  sys.exit(code)
-
-
 def parse_flags(argv: Sequence[str]) -> list[str]:
-  """absl's flag parsing, with any mistake in a flag or the config file as one line and exit 2."""
-  try:
-    args = FLAGS(list(argv))
-    FLAGS.config.keys()  # A file that failed to load raises on first use: make that here.
-  except Exception as e:  # Any error here comes from what the user typed.
+  """`core.cli.parse_flags`, with any mistake in a flag or the config file as one line."""
+
+  def describe(error: Exception) -> str:
     from embedspace.core.config_checks import describe_flag_error  # After parsing: --help fast.
-    fail(describe_flag_error(e, argv))
-  return args
+    return describe_flag_error(error, argv)
+
+  # A config file that failed to load raises on first use: make that happen here.
+  return cli.parse_flags(argv, validate=lambda: FLAGS.config.keys(), describe=describe)
 
 
 def main(argv: list[str]) -> None:
@@ -71,8 +69,8 @@ def main(argv: list[str]) -> None:
     fail(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
   import jax  # After flag parsing, so --help is fast.
 
-  from embedspace import methods, parallel
-  from embedspace.core import checkpointing, loop
+  from embedspace import geometry, methods, parallel
+  from embedspace.core import checkpointing, lock, loop
   from embedspace.core.config_checks import ConfigError
 
   try:
@@ -89,10 +87,23 @@ def main(argv: list[str]) -> None:
     print(f"--workdir not given; using {workdir}", flush=True)
   try:
     report = methods.train_and_evaluate(FLAGS.config, workdir)
-  except (ConfigError, checkpointing.NoIntactCheckpointError) as e:
+  except (ConfigError, checkpointing.NoIntactCheckpointError, checkpointing.CheckpointWriteError,
+          lock.LockError) as e:
     fail(str(e))
-  except loop.NonFiniteLossError as e:
+  except (loop.NonFiniteLossError, geometry.NonFiniteError) as e:
     fail(str(e), NONFINITE_EXIT_CODE)
+  except OSError as e:
+    if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
+      raise
+    fail(f"cannot write {e.filename or workdir} ({e.strerror}): free disk space (or raise the "
+         "file size limit) and rerun the same command to resume from the last checkpoint")
+  except KeyboardInterrupt:  # Ctrl-C outside a training step (or a second one while saving).
+    print(f"error: interrupted (Ctrl-C) outside a training step: nothing was saved now; rerun "
+          f"the same command to resume {workdir} from its last checkpoint", file=sys.stderr,
+          flush=True)
+    if jax.process_count() > 1:
+      os._exit(loop.INTERRUPTED_EXIT_CODE)  # Not into jax.distributed's shutdown barrier.
+    sys.exit(loop.INTERRUPTED_EXIT_CODE)
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:
       raise
@@ -113,6 +124,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """The console script `embedspace-train` (the same as `python -m embedspace.main`)."""
+  cli.usage_from(__doc__, __name__)
   flags.mark_flags_as_required(["config"])
   app.run(main, flags_parser=parse_flags)
 

@@ -16,12 +16,17 @@ from embedspace.core.workdirs import IncompatibleWorkdirError
 from embedspace.interface import find_task
 from embedspace.interface import palme_task
 from embedspace.multimodal import task as multimodal_task
+from embedspace.space import pretrained
+from embedspace.ssl import byol
+from embedspace.ssl import dino
 from embedspace.ssl import task as ssl_task
 
 TASKS: dict[str, Task] = {
     "vicreg": ssl_task.VICREG,
     "simclr": ssl_task.SIMCLR,
     "barlow": ssl_task.BARLOW,
+    "byol": byol.BYOL,
+    "dino": dino.DINO,
     "clip": multimodal_task.TASK,
     "imagebind": multimodal_task.TASK,
     "decur": multimodal_task.TASK,
@@ -62,10 +67,14 @@ def method_of(workdir: str) -> str:
 def load(workdir: str, **kwargs: Any) -> Any:
   """The space of any finished run: `task(method_of(workdir)).load(workdir, **kwargs)`.
 
+  `workdir` may name a space shipped in the package, "pretrained:NAME"
+  (`space.pretrained.list_pretrained()`).
+
   An image method gives a `space.image.TrainedModel` (`embed(images)`), CLIP/ImageBind/DeCUR a
   `multimodal.space.MultimodalSpace` (`embed(modality, items)`), the interfaces their loaded
   `(config, model or environment, params, step)`.
   """
+  workdir = pretrained.resolve(workdir)
   return task(method_of(workdir)).load(workdir, **kwargs)
 
 

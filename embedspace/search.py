@@ -7,197 +7,20 @@
   python -m embedspace.search --embeddings=IMAGES.npz --query_text="the number seven"  # multimodal
 
 The search itself is `embedspace.space.search` (exact `top_k` under every measure, fitted to
-the keys; `class_similarity`). A query given as a row prints its neighbours and draws them from
-the images the file was made from (the sidecar's `source`); a query given as an image file is
-embedded with the model the sidecar names. Exit codes: 0 done, 2 bad input.
+the keys; `class_similarity`); what this command does with it is `embedspace.queries`. A query
+given as a row prints its neighbours and draws them from the images the file was made from (the
+sidecar's `source`); a query given as an image file is embedded with the model the sidecar
+names. Exit codes: 0 done, 2 bad input.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import time
 from typing import Any
 
-import jax.numpy as jnp
-import numpy as np
-
-from embedspace import geometry
-from embedspace import methods
 from embedspace.core.cli import fail
-from embedspace.measure import plots
-from embedspace.multimodal import space as space_lib
-from embedspace.space import faiss_index
-from embedspace.space import image as image_space
-from embedspace.space import inputs
-from embedspace.space import store
-from embedspace.space.search import (EXTRA_MEASURES, MEASURES, class_similarity, nearest_classes,
-                                     top_k)
-
-# ----------------------------------------------------------------------------------------------
-# Command line.
-
-
-def _resolve_query(emb: Any, query: str | None, *, workdir: str | None, resize: bool,
-                   text: str | None = None
-                   ) -> tuple[int | None, np.ndarray, np.ndarray | None, str]:
-  """`(row or None, vector [d], image or None, description)` of a `--query` or `--query_text`."""
-  model_dir = workdir or emb.meta.get("model", {}).get("workdir")
-  if text is not None or (query is not None and os.path.isfile(query)
-                          and space_lib.is_multimodal_workdir(model_dir)):
-    if not space_lib.is_multimodal_workdir(model_dir):
-      raise ValueError(f"--query_text needs a multimodal model (CLIP, ImageBind, DeCUR): "
-                       f"{emb.path} was made by {model_dir or 'no named model'}; pass "
-                       "--workdir=DIR of one.")
-    space = space_lib.load(model_dir, batch_size=1)
-    vector, description = space_lib.embed_query(space, text=text, path=query)
-    if vector.shape != emb.embeddings.shape[1:]:
-      raise ValueError(f"{model_dir} gives {vector.shape[0]}-d vectors, the file holds "
-                       f"{emb.embeddings.shape[1]}-d ones; pass the --workdir that made it.")
-    image = None
-    if text is None and not query.lower().endswith(".wav"):
-      image = inputs.read_image(query, channels=1)
-    return None, vector, image, description
-  rows = {str(i): r for r, i in enumerate(emb.ids)} if emb.ids.dtype.kind in "US" else {}
-  if query.isdigit() or query in rows:
-    row = int(query) if query.isdigit() else rows[query]
-    if not 0 <= row < len(emb.embeddings):
-      raise ValueError(f"--query={query}: the file has rows 0 to {len(emb.embeddings) - 1}.")
-    return row, emb.embeddings[row], None, f"row {row} (id {emb.ids[row]})"
-  if not os.path.isfile(query):
-    raise ValueError(f"--query={query} is neither a row number, an id of the file, nor an "
-                     "image file.")
-  workdir = workdir or emb.meta.get("model", {}).get("workdir")
-  if not workdir:
-    raise ValueError(f"{emb.path} names no model to embed {query} with; pass --workdir=DIR.")
-  model = methods.load(workdir, batch_size=1)
-  image = inputs.read_image(query, channels=model.channels)
-  output = emb.meta.get("output", "encoder")
-  vector = model.embed([image], output=output, resize=resize)[0]
-  if vector.shape != emb.embeddings.shape[1:]:
-    raise ValueError(f"the model's {output} gives {vector.shape[0]}-d vectors, the file holds "
-                     f"{emb.embeddings.shape[1]}-d ones; pass the --workdir that made it.")
-  return None, vector, image, os.path.basename(query)
-
-
-def plot_neighbours(query: np.ndarray | None, query_caption: str, images: list[np.ndarray],
-                    captions: list[str], title: str, path: str) -> str:
-  """The query image and its neighbours in a row (uint8 `[H, W, C]` each); returns `path`."""
-  plt = plots.pyplot()
-
-  panels = [(query, query_caption)] + list(zip(images, captions))
-  fig, axes = plt.subplots(1, len(panels), figsize=(1.3 * len(panels), 1.9), squeeze=False)
-  for ax, (image, caption) in zip(axes[0], panels):
-    if image is not None:
-      gray = image.shape[-1] == 1
-      ax.imshow(image[..., 0] if gray else image, cmap="gray" if gray else None)
-    ax.set_title(caption, fontsize=6)
-    ax.axis("off")
-  axes[0][0].set_title(query_caption, fontsize=6, color="tab:red")
-  fig.suptitle(title, fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=150)
-  plt.close(fig)
-  return path
-
-
-def run_query(emb: Any, query: str | None, *, k: int, measure: str, png: str | None = None,
-              workdir: str | None = None, resize: bool = False, text: str | None = None,
-              normalize: bool = False) -> dict[str, Any]:
-  """Prints the `k` nearest rows of `emb` to `query` and draws them (see the module docstring).
-
-  `query` is a row number, an id of the file or a file (an image; for a file made by a
-  multimodal model also a `.wav` recording); `text` (with `query=None`) is a caption, embedded by
-  the multimodal model's text encoder: a search across modalities. `normalize` scales the query
-  and every key to unit length first: across modalities, whose embeddings have different norms,
-  it makes the distances usable (README, "Searching across modalities").
-
-  Returns:
-    `{"rows", "ids", "labels", "values", "png"}` of the neighbours (the query row itself is left
-    out); "png" is None when the source images cannot be read (a note says why).
-
-  Raises:
-    ValueError: an unknown measure, a query that is neither a row, an id nor an image file, or
-      an image the model cannot take; as `embedspace.load` for an image query.
-  """
-
-  row, vector, image, description = _resolve_query(emb, query, workdir=workdir, resize=resize,
-                                                   text=text)
-  keys = emb.embeddings
-  if normalize:
-    keys = np.asarray(geometry.l2_normalize(jnp.asarray(keys)))
-    vector = np.asarray(geometry.l2_normalize(jnp.asarray(vector)))
-  started = time.perf_counter()
-  values, indices = top_k(vector[None], keys, measure=measure,
-                          k=min(k + (row is not None), len(keys)))
-  seconds = time.perf_counter() - started
-  hits = [(int(j), float(v)) for j, v in zip(indices[0], values[0]) if j != row][:k]
-  names = emb.class_names
-  label = lambda r: names[emb.labels[r]] if 0 <= emb.labels[r] < len(names) else "-"
-  print(f"{len(hits)} nearest of {len(keys)} to {description} under {measure} "
-        f"({seconds:.2f} s, exact):")
-  print(f"{'rank':>4}  {'row':>7}  {'value':>9}  label  id")
-  for rank, (r, v) in enumerate(hits, start=1):
-    print(f"{rank:>4}  {r:>7}  {v:>9.4f}  {label(r)}  {emb.ids[r]}")
-  result = {"rows": [r for r, _ in hits], "ids": [emb.ids[r].item() for r, _ in hits],
-            "labels": [int(emb.labels[r]) for r, _ in hits], "values": [v for _, v in hits],
-            "png": None}
-  if emb.meta.get("model", {}).get("modality", "image") != "image":
-    return result  # recordings and captions: the printed ids say what they are
-  try:
-    channels = emb.meta.get("model", {}).get("channels", 3)
-    items = inputs.reopen(emb.meta.get("source", {}), channels=channels)
-    pictures = [np.asarray(items.read(r, r + 1)[0][0]) for r, _ in hits]
-    if row is not None:
-      image = np.asarray(items.read(row, row + 1)[0][0])
-  except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
-    print(f"note: no picture: the images of {emb.path} cannot be read ({e}).", file=sys.stderr)
-    return result
-  picture = lambda x: None if x is None else x[..., None] if x.ndim == 2 else x  # noqa: E731
-  caption = f"query\n{label(row)}" if row is not None else f"query\n{description}"
-  name = "text" if query is None else os.path.basename(query)
-  png = png or f"{os.path.splitext(emb.path)[0]}_query_{name}.png"
-  model = emb.meta.get("model", {})
-  title = (f"{measure} neighbours, {model.get('method', '?')} {emb.meta.get('output', '?')} "
-           f"({os.path.basename(model.get('workdir', '?'))}, step {model.get('step', '?')})")
-  result["png"] = plot_neighbours(
-      picture(image), caption, [picture(p) for p in pictures],
-      [f"{label(r)}\n{v:.4g}" for r, v in hits], title, os.path.splitext(png)[0] + ".png")
-  print(f"picture: {result['png']}")
-  return result
-
-
-def run_class_map(emb: Any, path: str, *, measure: str, max_points: int = 4000,
-                  top: int = 3) -> dict[str, Any]:
-  """Writes the class similarity heatmap to `path` and `<path>.json`, prints the nearest classes.
-
-  Raises:
-    ValueError: on an unknown measure or a file without labels.
-  """
-
-  names = emb.class_names
-  num_classes = max(len(names), int(emb.labels.max(initial=-1)) + 1)
-  names = tuple(names) + tuple(str(c) for c in range(len(names), num_classes))
-  matrix, used = class_similarity(emb.embeddings, emb.labels, measure=measure,
-                                  num_classes=num_classes, max_points=max_points)
-  nearest = nearest_classes(matrix, measure=measure, top=top)
-  path = os.path.splitext(os.path.abspath(path))[0] + ".png"
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  plots.plot_class_similarity({emb.meta.get("output", "embeddings"): matrix}, names, path,
-                               measure=measure)
-  record = {"measure": measure, "points": used, "class_names": list(names),
-            "matrix": [[None if not np.isfinite(v) else float(v) for v in r] for r in matrix],
-            "nearest": {names[i]: [names[j] for j in js] for i, js in enumerate(nearest)}}
-  with open(os.path.splitext(path)[0] + ".json", "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=1)
-  print(f"mean {measure} between classes ({used} points); nearest classes:")
-  print(f"| class | within | nearest {top} |\n|---|---|---|")
-  for i, js in enumerate(nearest):
-    near = ", ".join(f"{names[j]} ({matrix[i, j]:.3f})" for j in js)
-    print(f"| {names[i]} | {matrix[i, i]:.3f} | {near} |")
-  print(f"picture: {path}, numbers: {os.path.splitext(path)[0]}.json")
-  return record
+from embedspace.space import store  # numpy only: --help stays fast
+from embedspace.space.measures import EXTRA_MEASURES, MEASURES  # no JAX: --help stays fast
 
 
 def main(argv: list[str]) -> None:
@@ -215,18 +38,48 @@ def main(argv: list[str]) -> None:
     fail(f"--measure={f.measure}: valid measures are {', '.join(MEASURES + EXTRA_MEASURES)}")
   if f.k < 1:
     fail(f"--k={f.k}: must be >= 1")
+  if f.max_points < 2:
+    fail(f"--max_points={f.max_points}: must be >= 2 (a class map averages pairs of points)")
+  _check_outputs(f)
+  from embedspace import queries  # After flag parsing: JAX and the models, seconds to import.
+  from embedspace.core import console
+  from embedspace.space import faiss_index
+  from embedspace.space import image as image_space
+
   try:
     emb = store.load_embeddings(f.embeddings)
+    rows, dim = emb.embeddings.shape
+    print(f"searching {f.embeddings} ({rows} x {dim}) on {console.where()}", flush=True)
     if f.query is not None or f.query_text is not None:
-      run_query(emb, f.query, k=f.k, measure=f.measure, png=f.png, workdir=f.workdir,
-                resize=f.resize, text=f.query_text, normalize=f.normalize)
+      queries.run_query(emb, f.query, k=f.k, measure=f.measure, png=f.png, workdir=f.workdir,
+                        resize=f.resize, text=f.query_text, normalize=f.normalize)
     if f.class_map:
-      run_class_map(emb, f.class_map, measure=f.measure, max_points=f.max_points)
+      queries.run_class_map(emb, f.class_map, measure=f.measure, max_points=f.max_points)
     if f.faiss_index:
       path = faiss_index.build(emb.embeddings, measure=f.measure).save(f.faiss_index)
       print(f"faiss index of {len(emb.embeddings)} vectors ({f.measure}): {path} (+ .json)")
   except (*image_space.LOAD_ERRORS, ValueError, ImportError) as e:
     fail(str(e))
+
+
+def _check_outputs(f: Any) -> None:
+  """Fails (one line) when an output flag names a directory, a device, the embeddings file or
+  its sidecar: pictures and indexes may replace earlier ones, never an input."""
+  inputs = {os.path.abspath(f.embeddings), store.sidecar_path(os.path.abspath(f.embeddings))}
+  stem = lambda p: os.path.splitext(os.path.abspath(p))[0]  # noqa: E731
+  written = {"png": lambda p: [stem(p) + ".png"],
+             "class_map": lambda p: [stem(p) + ".png", stem(p) + ".json"],
+             "faiss_index": lambda p: [os.path.abspath(p), os.path.abspath(p) + ".json"]}
+  for flag, paths in written.items():
+    value = f[flag].value
+    for path in paths(value) if value else []:
+      if os.path.isdir(path):
+        fail(f"--{flag}={value}: {path} is a directory; pass a file path")
+      if os.path.exists(path) and not os.path.isfile(path):
+        fail(f"--{flag}={value}: {path} is not a regular file (a device, pipe or socket)")
+      if path in inputs:
+        fail(f"--{flag}={value} would replace {path}, an input of this command; pass another "
+             "path")
 
 
 def _define_flags() -> None:
@@ -254,8 +107,9 @@ def run() -> None:
   """The console script `embedspace-search` (the same as `python -m embedspace.search`)."""
   from absl import app
 
-  from embedspace.core.cli import parse_flags
+  from embedspace.core.cli import parse_flags, usage_from
   _define_flags()
+  usage_from(__doc__, __name__)
   app.run(main, flags_parser=parse_flags)
 
 

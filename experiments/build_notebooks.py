@@ -2,6 +2,7 @@
 
   python experiments/build_notebooks.py                       # write the .ipynb files (no outputs)
   python experiments/build_notebooks.py --execute             # ... and run them, outputs saved
+  python experiments/build_notebooks.py --header              # new setup cell, outputs kept
   EMBEDSPACE_NOTEBOOK_SIZE=smoke python experiments/build_notebooks.py --execute 01
 
 The sources live in `cells_common.py` (shared) and `cells_NN.py`, so that a change to a notebook
@@ -109,18 +110,44 @@ def refresh_markdown(path: str, cells: list[nbformat.NotebookNode]) -> nbformat.
   return nb
 
 
+HEADER_CELLS = 3
+"""The title, the setup text and the setup code (`cells_common.header`): every notebook's."""
+
+
+def refresh_header(path: str, cells: list[nbformat.NotebookNode]) -> nbformat.NotebookNode:
+  """The executed notebook at `path` with its shared header cells' sources replaced by `cells`'.
+
+  The setup cell's outputs are kept (its change must not change what it prints in a checkout).
+
+  Raises:
+    ValueError: if a cell after the header differs from `cells` (run --execute or --markdown).
+  """
+  nb = nbformat.read(path, as_version=4)
+  if [c.cell_type for c in nb.cells] != [c.cell_type for c in cells] or any(
+      a.source != b.source for a, b in zip(nb.cells[HEADER_CELLS:], cells[HEADER_CELLS:])):
+    raise ValueError(f"{path}: cells after the header changed since it was executed")
+  for old, new in zip(nb.cells[:HEADER_CELLS], cells[:HEADER_CELLS]):
+    old.source = new.source
+  return nb
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("which", nargs="*", default=sorted(NOTEBOOKS), help="01, 02, 03, 04")
   parser.add_argument("--execute", action="store_true", help="run and save outputs")
   parser.add_argument("--markdown", action="store_true",
                       help="only update the Markdown cells of the executed notebooks")
+  parser.add_argument("--header", action="store_true",
+                      help="only update the shared header cells (title, setup) of the executed "
+                      "notebooks, keeping every output")
   args = parser.parse_args()
   for key in args.which:
     filename, cells = NOTEBOOKS[key]
     nb = notebook(cells)
     path = os.path.join(HERE, filename)
-    if args.markdown:
+    if args.header:
+      nb = refresh_header(path, cells)
+    elif args.markdown:
       nb = refresh_markdown(path, cells)
     elif args.execute:
       t0 = time.perf_counter()

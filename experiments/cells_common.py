@@ -13,7 +13,13 @@ import nbformat
 SETUP = r'''# Environment: on Colab, clone and install embedspace; in a local checkout, use it as it is.
 import importlib.util, os, shutil, subprocess, sys
 
-REPO = "https://github.com/embedspace/embedspace"  # PLACEHOLDER: the URL of this repository
+# ---- PARAMETER (Colab only) ------------------------------------------------------------------
+# REPO: the git URL of the embedspace repository to clone,
+#   e.g. "https://github.com/OWNER/embedspace" (your fork or the copy you were given; a private
+#   one needs a token in the URL, or a path on a mounted Drive). Set it here or in the
+#   EMBEDSPACE_REPO environment variable. A local checkout does not use it.
+REPO = os.environ.get("EMBEDSPACE_REPO", "")
+# ------------------------------------------------------------------------------------------------
 IN_COLAB = "google.colab" in sys.modules
 
 
@@ -48,6 +54,10 @@ ROOT = find_root()
 if ROOT is None and IN_COLAB:
   ROOT = "/content/embedspace"
   if not os.path.exists(ROOT):
+    if not REPO:
+      raise RuntimeError("Set REPO at the top of this cell to the git URL of the embedspace "
+                         "repository (e.g. https://github.com/OWNER/embedspace), then run it "
+                         "again.")
     subprocess.run(["git", "clone", "--depth=1", REPO, ROOT], check=True)
 if ROOT is None:
   raise RuntimeError("Start this notebook inside a checkout of embedspace (or on Colab).")
@@ -114,18 +124,21 @@ def code(text: str, **metadata) -> nbformat.NotebookNode:
   return nbformat.v4.new_code_cell(text.strip("\n"), metadata=metadata)
 
 
-COLAB = "https://colab.research.google.com/github/embedspace/embedspace/blob/main/experiments/"
-"""Colab's address of the notebooks; like `REPO` in the setup cell, a placeholder for the
-repository's real GitHub owner/name."""
+COLAB = "https://colab.research.google.com/github/OWNER/embedspace/blob/main/experiments/"
+"""Colab's address of the notebooks once the repository is on GitHub: OWNER is a placeholder for
+its owner (the setup cell's `REPO` parameter is what a run needs)."""
 
 
 def header(title: str, extra_parameters: str, filename: str) -> list[nbformat.NotebookNode]:
   return [
-      md(title.strip("\n") + f"\n\n[Open in Colab]({COLAB}{filename}) (the address is a placeholder until the "
-         "repository is public; any runtime works, a TPU one uses all 8 cores)."),
-      md("**Setup.** On Colab this clones the repository (set `REPO` to its URL), installs it with "
-         "the JAX build for the runtime's accelerator and prints the devices. In a local "
-         "checkout it installs nothing when `embedspace` is importable."),
+      md(title.strip("\n") + f"\n\n[Open in Colab]({COLAB}{filename}) (replace OWNER in the "
+         "link with the repository's GitHub owner, or upload the notebook to Colab; any runtime "
+         "works, a TPU one uses all 8 cores)."),
+      md("**Setup.** On Colab, first set the parameter `REPO` at the top of the next cell to the "
+         "git URL of the embedspace repository (e.g. `https://github.com/OWNER/embedspace`; or "
+         "set `EMBEDSPACE_REPO`): the cell clones it, installs it with the JAX build for the "
+         "runtime's accelerator and prints the devices. In a local checkout `REPO` is not used "
+         "and nothing is installed when `embedspace` is importable."),
       code(SETUP),
       code(PARAMETERS_HEAD + "\n" + extra_parameters.strip("\n"), tags=["parameters"]),
       code(SIZES_CHECK + "\n\n" + PLOTTING),

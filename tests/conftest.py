@@ -83,3 +83,31 @@ def imagebind_smoke_workdir(tmp_path_factory):
     config.eval.plots = False
     methods.train_and_evaluate(config, workdir)
   return _trained_once(tmp_path_factory, "imagebind_smoke", run)
+
+
+@pytest.fixture
+def preempt_at(monkeypatch):
+  """`preempt_at(n)`: training runs from now on get SIGTERM during their n-th step (the compiled
+  step, `core.step.make_parallel_step`, is wrapped); `preempt_at.disarm()` restores it."""
+  import signal
+
+  from embedspace.core import step as step_lib
+
+  real = step_lib.make_parallel_step
+
+  def arm(n: int) -> None:
+    calls = {"n": 0}
+
+    def preempting(*args, **kwargs):
+      step = real(*args, **kwargs)
+
+      def wrapped(state, batch):
+        calls["n"] += 1
+        if calls["n"] == n:
+          os.kill(os.getpid(), signal.SIGTERM)
+        return step(state, batch)
+      return wrapped
+    monkeypatch.setattr(step_lib, "make_parallel_step", preempting)
+
+  arm.disarm = lambda: monkeypatch.setattr(step_lib, "make_parallel_step", real)
+  return arm

@@ -1,4 +1,4 @@
-"""Tests of embedspace.data: idx parsing, the TFDS builders, get_source and the grain pipelines."""
+"""Tests of embedspace.data: idx files, shipped datasets, get_source and the grain pipelines."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import os
+import pickle
 import shutil
 
 import numpy as np
@@ -14,30 +15,24 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from embedspace import data
-from embedspace.data import augment, builders, idx
+from embedspace.data import augment, idx, shipped
 
 flags.FLAGS.mark_as_parsed()  # grain reads absl flags (worker processes need them parsed).
 
-ASSETS = builders.ASSETS_DIR
-# SHA-256 (first 16 hex digits) of the sorted train indices: pins the split across versions.
-SPLIT_FINGERPRINT = {"embedded_fashion_mnist": "1a69da84b2a6153b",
-                     "embedded_mnist": "409fc9624dfd51c6"}
-ASSET_DIR = {"embedded_fashion_mnist": "fashion_mnist", "embedded_mnist": "mnist"}
+ASSETS = shipped.ASSETS_DIR
+APT_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
+# MD5 of the decompressed idx files (as in assets/fashion_mnist/ATTRIBUTION.md).
+FASHION_MNIST_MD5 = {"train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+                     "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+                     "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+                     "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965"}
+# SHA-256 (first 16 hex digits) of embedded_mnist's sorted train indices: pins its split.
+MNIST_SPLIT_FINGERPRINT = "409fc9624dfd51c6"
 
 
-def _raw(name: str) -> tuple[np.ndarray, np.ndarray]:
-  d = os.path.join(ASSETS, ASSET_DIR[name])
-  return idx.read_idx_pair(os.path.join(d, "t10k-images-idx3-ubyte.gz"),
-                           os.path.join(d, "t10k-labels-idx1-ubyte.gz"), num_classes=10)
-
-
-def _records(source: data.ImageSource) -> list[dict]:
-  return source.records.__getitems__(list(range(len(source))))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-  return str(tmp_path_factory.mktemp("tfds"))
+def _decompressed(path: str) -> bytes:
+  with gzip.open(path, "rb") as f:
+    return f.read()
 
 
 def _toy(n: int = 64, size: int = 28, channels: int = 1, seed: int = 0) -> data.ImageSource:
@@ -110,110 +105,135 @@ def test_idx_corruption_is_a_clear_error(tmp_path, corruption, match):
 
 
 # ---------------------------------------------------------------------------------------------
-# Builders and get_source
+# Shipped datasets and get_source
 
 
-@pytest.mark.parametrize("name", ["embedded_fashion_mnist", "embedded_mnist"])
-def test_embedded_builder_matches_idx_with_a_fixed_stratified_split(data_dir, name):
-  raw_images, raw_labels = _raw(name)
-  train, info = data.get_source(name, split="train", data_dir=data_dir)
-  test, test_info = data.get_source(name, split="test", data_dir=data_dir)
-  assert (len(train), len(test)) == (8000, 2000)
-  assert (info.num_examples, test_info.num_examples) == (8000, 2000)
-  assert info.num_classes == 10 and len(info.class_names) == 10
-  assert info.image_shape == (28, 28, 1)
-  assert os.path.isdir(os.path.join(data_dir, name, "1.0.0"))
+def test_shipped_fashion_mnist_is_the_standard_split(tmp_path):
+  folder = os.path.join(ASSETS, "fashion_mnist")
+  raw = {}
+  for stem, md5 in FASHION_MNIST_MD5.items():
+    raw[stem] = _decompressed(os.path.join(folder, stem + ".gz"))
+    assert hashlib.md5(raw[stem]).hexdigest() == md5, stem
+  for split, prefix, n in (("train", "train", 60000), ("test", "t10k", 10000)):
+    source, info = data.get_source("embedded_fashion_mnist", split=split,
+                                   data_dir=str(tmp_path / "unused"))
+    assert len(source) == info.num_examples == n
+    assert info.image_shape == (28, 28, 1) and info.num_classes == 10
+    assert info.class_names[0] == "T-shirt/top" and info.class_names[9] == "Ankle boot"
+    images, labels = source.records.images, source.records.labels
+    assert images.dtype == np.uint8 and images.shape == (n, 28, 28, 1)
+    np.testing.assert_array_equal(np.bincount(labels, minlength=10), [n // 10] * 10)
+    # In file order, byte for byte: the idx payload after its header.
+    assert images.tobytes() == raw[f"{prefix}-images-idx3-ubyte"][16:]
+    assert labels.astype(np.uint8).tobytes() == raw[f"{prefix}-labels-idx1-ubyte"][8:]
+    item = source[n - 1]  # through the wrapper the pipeline uses
+    np.testing.assert_array_equal(item["image"], images[-1])
+    assert item["label"] == labels[-1] and isinstance(item["label"], int)
+  assert not os.path.exists(tmp_path / "unused")  # shipped data writes nothing to a data dir
+  # The normalisation constants are those of the 60,000 training images.
+  train, info = data.get_source("embedded_fashion_mnist", split="train")
+  counts = np.bincount(train.records.images.ravel(), minlength=256)  # exact, without floats
+  values = np.arange(256) / 255
+  pixel_mean = counts @ values / counts.sum()
+  pixel_std = np.sqrt(counts @ (values - pixel_mean) ** 2 / counts.sum())
+  mean, std = data.normalization("embedded_fashion_mnist", channels=1)
+  assert (info.mean, info.std) == (mean, std) == ((0.2860,), (0.3530,))
+  np.testing.assert_allclose([pixel_mean, pixel_std], [mean[0], std[0]], atol=5e-5)
 
-  indices = {}
-  for split, source in (("train", train), ("test", test)):
-    records = _records(source)
-    index = np.array([r["source_index"] for r in records])
-    images = np.stack([r["image"] for r in records])
-    labels = np.array([r["label"] for r in records])
-    assert images.dtype == np.uint8 and images.shape[1:] == (28, 28, 1)
-    assert np.all(np.diff(index) > 0)  # stored in idx order (TFDS shuffling disabled)
-    np.testing.assert_array_equal(images[..., 0], raw_images[index])
-    np.testing.assert_array_equal(labels, raw_labels[index])
-    item = source[0]  # through the wrapper the pipeline uses
-    np.testing.assert_array_equal(item["image"], images[0])
-    assert item["label"] == labels[0]
-    indices[split] = index
-  assert not set(indices["train"]) & set(indices["test"])
-  assert sorted(np.concatenate([indices["train"], indices["test"]])) == list(range(10000))
+
+@pytest.mark.skipif(not os.path.isdir(APT_FASHION_MNIST),
+                    reason="needs `apt-get install -y dataset-fashion-mnist`")
+def test_shipped_fashion_mnist_matches_the_apt_package():
+  for stem in FASHION_MNIST_MD5:
+    shipped_bytes = _decompressed(os.path.join(ASSETS, "fashion_mnist", stem + ".gz"))
+    assert shipped_bytes == _decompressed(os.path.join(APT_FASHION_MNIST, stem + ".gz")), stem
+
+
+def test_embedded_mnist_is_a_fixed_stratified_resplit():
+  raw_images, raw_labels = idx.read_idx_pair(
+      os.path.join(ASSETS, "mnist", "t10k-images-idx3-ubyte.gz"),
+      os.path.join(ASSETS, "mnist", "t10k-labels-idx1-ubyte.gz"), num_classes=10)
+  splits = {split: shipped.load("embedded_mnist", split=split) for split in ("train", "test")}
+  assert (len(splits["train"].labels), len(splits["test"].labels)) == (8000, 2000)
+  for split in splits.values():
+    assert split.images.dtype == np.uint8 and split.images.shape[1:] == (28, 28, 1)
+    assert np.all(np.diff(split.index) > 0)  # in file order
+    np.testing.assert_array_equal(split.images[..., 0], raw_images[split.index])
+    np.testing.assert_array_equal(split.labels, raw_labels[split.index])
+  train, test = splits["train"].index, splits["test"].index
+  assert sorted(np.concatenate([train, test])) == list(range(10000))
   # Stratified: every class has 80% (to the nearest example) of its members in train.
   counts = np.bincount(raw_labels, minlength=10)
-  train_counts = np.bincount(raw_labels[indices["train"]], minlength=10)
-  assert np.all(np.abs(train_counts - 0.8 * counts) < 1)
+  assert np.all(np.abs(np.bincount(raw_labels[train], minlength=10) - 0.8 * counts) < 1)
   # Fixed: the split is pinned (changing salt, rule or rounding changes this).
-  train_sorted = np.sort(indices["train"]).astype("<i8")
-  assert hashlib.sha256(train_sorted.tobytes()).hexdigest()[:16] == SPLIT_FINGERPRINT[name]
+  digest = hashlib.sha256(np.sort(train).astype("<i8").tobytes()).hexdigest()[:16]
+  assert digest == MNIST_SPLIT_FINGERPRINT
+  source, info = data.get_source("embedded_mnist", split="test")
+  assert len(source) == info.num_examples == 2000 and info.mean == (0.1325,)
+  np.testing.assert_array_equal(source.records.images, splits["test"].images)
 
 
 def test_stratified_split_exact_total_and_balance():
   labels = np.repeat(np.arange(3), [5, 7, 9])
-  train, test = builders.stratified_split(labels, num_train=10)
+  train, test = data.stratified_split(labels, num_train=10)
   assert len(train) == 10 and len(test) == 11
   assert sorted(np.concatenate([train, test])) == list(range(21))
   np.testing.assert_array_equal(np.bincount(labels[train]), [3, 3, 4])  # 2.38, 3.33, 4.29
-  again, _ = builders.stratified_split(labels, num_train=10)
+  again, _ = data.stratified_split(labels, num_train=10)
   np.testing.assert_array_equal(train, again)
-  other, _ = builders.stratified_split(labels, num_train=10, salt="other")
+  other, _ = data.stratified_split(labels, num_train=10, salt="other")
   assert not np.array_equal(train, other)
 
 
-def test_second_call_reuses_the_built_dataset(data_dir, monkeypatch):
-  data.get_source("embedded_mnist", split="train", data_dir=data_dir)
-  files = os.path.join(data_dir, "embedded_mnist", "1.0.0")
-  mtimes = {f: os.path.getmtime(os.path.join(files, f)) for f in os.listdir(files)}
+@pytest.mark.parametrize("split, parts", [
+    ("train[:320]", [("train", 0, 320)]),
+    ("test[-100:]", [("test", 9900, 10000)]),
+    ("train[10%:20%]", [("train", 6000, 12000)]),
+    ("train[:5]+test[:3]", [("train", 0, 5), ("test", 0, 3)]),
+])
+def test_shipped_split_strings_follow_tfds_syntax(split, parts):
+  full = {s: shipped.load("embedded_fashion_mnist", split=s) for s in ("train", "test")}
+  got = shipped.load("embedded_fashion_mnist", split=split)
+  want = [(full[s].images[a:b], full[s].labels[a:b]) for s, a, b in parts]
+  np.testing.assert_array_equal(got.images, np.concatenate([w[0] for w in want]))
+  np.testing.assert_array_equal(got.labels, np.concatenate([w[1] for w in want]))
+  assert data.get_source("embedded_fashion_mnist", split=split)[1].num_examples == len(got.labels)
 
-  def fail(*args, **kwargs):
-    raise AssertionError("rebuilt a dataset that was already prepared")
 
-  monkeypatch.setattr(builders.EmbeddedMnist, "_split_generators", fail)
-  source, _ = data.get_source("embedded_mnist", split="test", data_dir=data_dir)
-  assert len(source) == 2000
-  assert mtimes == {f: os.path.getmtime(os.path.join(files, f)) for f in os.listdir(files)}
+@pytest.mark.parametrize("split, match", [
+    ("validation", "Unknown split 'validation'"),
+    ("train[:70000]", "incompatible with 60000 examples"),
+    ("train[", "split 'train\\['"),
+])
+def test_bad_shipped_split_is_a_clear_error(split, match):
+  with pytest.raises(ValueError, match=match) as e:
+    data.get_source("embedded_fashion_mnist", split=split)
+  assert "train (60000), test (10000)" in str(e.value)
 
 
-def test_corrupted_asset_is_a_clear_error(tmp_path):
+def test_shipped_sources_share_read_only_memory_and_pickle():
+  a, _ = data.get_source("embedded_fashion_mnist", split="train")
+  b, _ = data.get_source("embedded_fashion_mnist", split="train[:100]")
+  assert np.shares_memory(a.records.images, b.records.images)  # the file is decompressed once
+  with pytest.raises(ValueError, match="read-only"):
+    a.records.images[0, 0, 0, 0] = 1
+  again = pickle.loads(pickle.dumps(b))  # as grain hands it to worker processes
+  np.testing.assert_array_equal(again[99]["image"], b[99]["image"])
+  assert again.info == b.info
+
+
+def test_corrupted_or_missing_asset_is_a_clear_error(tmp_path):
   source_dir = tmp_path / "src"
-  shutil.copytree(os.path.join(ASSETS, "fashion_mnist"), source_dir)
+  shutil.copytree(os.path.join(ASSETS, "mnist"), source_dir)
   images = source_dir / "t10k-images-idx3-ubyte.gz"
   images.write_bytes(images.read_bytes()[:100_000])
   with pytest.raises(idx.IdxFormatError, match="t10k-images-idx3-ubyte.gz"):
-    data.prepare("embedded_fashion_mnist", data_dir=str(tmp_path / "tfds"),
-                 source_dir=str(source_dir))
-  assert not os.path.exists(tmp_path / "tfds" / "embedded_fashion_mnist" / "1.0.0")
-
-
-def test_full_fashion_mnist_missing_says_how_to_install(tmp_path):
-  (tmp_path / "empty").mkdir()
-  with pytest.raises(FileNotFoundError) as e:
-    data.prepare("fashion_mnist_full", data_dir=str(tmp_path / "tfds"),
-                 source_dir=str(tmp_path / "empty"))
-  assert "apt-get update && apt-get install -y dataset-fashion-mnist" in str(e.value)
-  assert str(tmp_path / "empty") in str(e.value)
-
-
-def test_full_fashion_mnist_builds_from_idx_files(tmp_path):
-  rng = np.random.default_rng(1)
-  src = tmp_path / "apt"
-  src.mkdir()
-  raw = {}
-  for prefix, n in (("train", 30), ("t10k", 12)):
-    raw[prefix] = (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
-                   rng.integers(0, 10, n, dtype=np.uint8))
-    idx.write_idx(src / f"{prefix}-images-idx3-ubyte.gz", raw[prefix][0])
-    idx.write_idx(src / f"{prefix}-labels-idx1-ubyte.gz", raw[prefix][1])
-  builder = data.prepare("fashion_mnist_full", data_dir=str(tmp_path / "tfds"),
-                         source_dir=str(src))
-  for split, prefix in (("train", "train"), ("test", "t10k")):
-    records = builder.as_data_source(split=split)
-    assert len(records) == len(raw[prefix][1])
-    for i in range(len(records)):
-      np.testing.assert_array_equal(records[i]["image"][..., 0], raw[prefix][0][i])
-      assert records[i]["label"] == raw[prefix][1][i]
-  assert builder.info.features["label"].names[9] == "Ankle boot"
+    shipped.load("embedded_mnist", split="train", source_dir=str(source_dir))
+  os.remove(source_dir / "t10k-labels-idx1-ubyte.gz")
+  with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte.gz is missing"):
+    shipped.load("embedded_mnist", split="train", source_dir=str(source_dir))
+  with pytest.raises(ValueError, match="not a shipped dataset"):
+    shipped.load("fashion_mnist_full", split="train")
 
 
 @pytest.mark.parametrize("name, channels", [("mnist", 1), ("cifar10", 3)])
@@ -303,6 +323,67 @@ def test_rgb_source_of_any_size_is_resized():
                                    process_count=1), 1)[0]
   assert batch["view1"].shape == (8, 16, 16, 3)
   assert np.isfinite(batch["view2"]).all()
+
+
+def _multicrop(source, p=0, count=1, **kw):
+  return data.multicrop_loader(
+      source, **{**dict(global_batch_size=8, seed=3, image_size=16, local_image_size=8,
+                        num_local=3, augment={"noise_prob": 0.5}, process_index=p,
+                        process_count=count), **kw})
+
+
+def test_multicrop_shapes_views_and_determinism():
+  source = _toy()
+  a, b = _batches(_multicrop(source), 2), _batches(_multicrop(source), 2)
+  _assert_batches_equal(a, b)
+  batch = a[0]
+  assert set(batch) == {"globals", "locals", "label"}
+  assert batch["globals"].shape == (8, 2, 16, 16, 1) and batch["globals"].dtype == np.float32
+  assert batch["locals"].shape == (8, 3, 8, 8, 1) and np.isfinite(batch["locals"]).all()
+  assert not np.array_equal(batch["globals"][:, 0], batch["globals"][:, 1])
+  assert not np.array_equal(batch["locals"][:, 0], batch["locals"][:, 1])
+  other = _batches(_multicrop(source, seed=4), 1)[0]
+  assert not np.array_equal(other["globals"], batch["globals"])
+  # Without local crops there is no "locals"; the global crops of a record are the same draws.
+  no_local = _batches(_multicrop(source, num_local=0), 1)[0]
+  assert set(no_local) == {"globals", "label"}
+  np.testing.assert_array_equal(no_local["globals"], batch["globals"])
+
+
+def test_multicrop_local_crops_cover_smaller_regions():
+  """Local crops take `local_crop_scale` of the area: on a horizontal ramp their pixel range is
+  narrower than the global crops'."""
+  ramp = np.broadcast_to(np.arange(28, dtype=np.uint8)[None, :, None] * 9, (28, 28, 1))
+  source = data.ImageSource.from_arrays(np.stack([ramp] * 16), np.arange(16), mean=(0.5,),
+                                        std=(0.25,))
+  augment = {"jitter_prob": 0.0, "flip_prob": 0.0, "crop_scale": (0.8, 1.0)}
+  batch = _batches(_multicrop(source, augment=augment, local_crop_scale=(0.05, 0.1),
+                              image_size=28), 1)[0]
+  spread = lambda x: np.ptp(x.reshape(*x.shape[:2], -1), axis=-1)  # noqa: E731
+  assert spread(batch["locals"]).max() < spread(batch["globals"]).min()
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_multicrop_global_batches_do_not_depend_on_the_process_count(process_count):
+  source = _toy(n=40)
+  loader = lambda p, count: _multicrop(source, p, count)  # noqa: E731
+  _assert_batches_equal(_global_batches(loader, process_count, 6), _global_batches(loader, 1, 6))
+
+
+def test_multicrop_iterator_state_resumes_exactly_and_bad_arguments():
+  source = _toy(n=40)
+  it = iter(_multicrop(source))
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  fresh = iter(_multicrop(source))
+  fresh.set_state(state)
+  _assert_batches_equal([next(fresh) for _ in range(3)], expected)
+  for kw, match in ((dict(num_global=0), "num_global"), (dict(local_crop_scale=(0.5, 0.1)),
+                                                          "crop_scale")):
+    with pytest.raises(ValueError, match=match):
+      _multicrop(source, **kw)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,13 +5,14 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from configs import simclr, vicreg
-from embedspace import methods
+from embedspace import data, methods
 from embedspace.core import config_checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,8 +21,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _main(*args, cwd=ROOT, timeout=300):
   env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=("--xla_force_host_platform_device_count=2"
                         " --xla_backend_optimization_level=0"))
-  return subprocess.run([sys.executable, "-m", "embedspace.main", *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  r = subprocess.run([sys.executable, "-m", "embedspace.main", *args], cwd=cwd, env=env,
+                     capture_output=True, timeout=timeout)
+  # Decoded without text=True's newline translation: a progress bar redraws with "\r".
+  return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
 
 
 @pytest.mark.parametrize("override, key", [
@@ -124,9 +127,36 @@ def test_cli_rejects_unknown_key_and_bad_value_and_variant(tmp_path):
 def test_cli_smoke_run_with_default_workdir(tmp_path):
   # VICReg: its smoke programs are in the run's compilation cache from the other smoke runs.
   config_path = os.path.join(ROOT, "configs", "vicreg.py")
+  # The dataset is built (once per TFDS dir) here, so the console below is the run's alone.
+  data.get_source("embedded_fashion_mnist", split="train")
   r = _main(f"--config={config_path}:smoke", cwd=tmp_path)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "using workdirs/vicreg_smoke" in r.stdout
   with open(tmp_path / "workdirs" / "vicreg_smoke" / "eval.json") as f:
     report = json.load(f)
   assert set(report) >= {"trained", "random_init", "raw_pixels"}
+  check_console(r.stdout, r.stderr)
+
+
+def check_console(stdout: str, stderr: str) -> None:
+  """A `:smoke` run's console: what runs where, metric and monitor lines, the evaluation's
+  phases and result, and no library INFO or TensorBoard tag complaints (issue 22)."""
+  text = stdout + "\n" + stderr
+  lines = [line for line in text.replace("\r", "\n").splitlines() if line.strip()]
+  info = [line for line in lines
+          if re.match(r"I\d{4} \d\d:\d\d:\d\d", line)  # absl's INFO prefix
+          or re.search(r"\b(orbax|tensorflow_datasets|dataset_info|grain|checkpoint_manager)"
+                       r"[\w./]*\.py:\d+\]", line)  # any absl line of those libraries
+          or "Unable to initialize backend" in line]
+  assert not info, "library INFO on the console:\n" + "\n".join(info[:10])
+  assert "illegal" not in text, text[-3000:]
+  assert "Metadata file does not exist" not in text
+  out = stdout.splitlines()  # metric and monitor lines, the result; status lines on stderr
+  assert re.search(r"^vicreg: steps 0 -> 6 on 1 process, \d+ cpu devices?; workdir ", stderr,
+                   re.M), stderr
+  assert [line.split(":")[0] for line in out if re.match(r"step \d+/6: loss ", line)] == [
+      "step 1/6", "step 3/6", "step 5/6", "step 6/6"]
+  assert "step 4/6: kNN " in stdout and out[-1].startswith("evaluation (")
+  assert "evaluate: 3/3 phases" in stderr and "train: 100%" in stderr
+  # Lines as a terminal keeps them (a bar redraws its line with "\r"): 124 before issue 22.
+  assert stdout.count("\n") + stderr.count("\n") < 20, text

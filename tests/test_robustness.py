@@ -32,6 +32,7 @@ import pytest
 from configs import vicreg
 from embedspace import data as data_lib
 from embedspace.core import checkpointing
+from embedspace.core import lock
 from embedspace.core import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -251,7 +252,11 @@ def test_bad_input_is_one_line_and_exit_2_and_leaves_no_workdir(cache_dir, tmp_p
   other = tmp_path / "other"
   (other / "checkpoints" / "2").mkdir(parents=True)
   (other / "config.json").write_text(vicreg.get_config("smoke").to_json())
-  before = sorted(os.walk(other))
+  def contents(top):  # The lock file is the lock itself (emptied on release), not the user's.
+    return sorted((d, sub, sorted(f for f in files if f != lock.LOCK_FILE))
+                  for d, sub, files in os.walk(top))
+
+  before = contents(other)
   smoke = "--config=configs/vicreg.py:smoke"
   cases = {  # flags, workdir, what the line must say
       "unknown key": ((smoke, "--config.optimizer.lrr=0.1"), "a", "optimizer.base_lr"),
@@ -276,7 +281,7 @@ def test_bad_input_is_one_line_and_exit_2_and_leaves_no_workdir(cache_dir, tmp_p
     assert cases[name][2] in line, (name, line)
     if cases[name][1] != "other":
       assert not os.path.exists(run.workdir), (name, _ls(run.workdir))
-  assert sorted(os.walk(other)) == before
+  assert contents(other) == before
 
 
 # In process: each kind of damage against `Checkpointer`, and what orbax alone does with it.
@@ -321,7 +326,20 @@ DAMAGE = {
     "deleted state item": lambda d: _delete(os.path.join(d, "state")),
     "garbage in integrity record": lambda d: _garble(
         os.path.join(d, checkpointing.INTEGRITY_ITEM, "metadata"), 0.5),
+    # Was restored silently wrong: a missing record read as "written before records existed".
+    "garbage in array data, deleted integrity record": lambda d: (
+        _garble(_array_file(d)), _delete(os.path.join(d, checkpointing.INTEGRITY_ITEM))),
 }
+
+
+def _as_before_integrity_records(step_dir) -> None:
+  """Makes `step_dir` what a version before the record wrote: no item, none in the metadata."""
+  shutil.rmtree(os.path.join(step_dir, checkpointing.INTEGRITY_ITEM))
+  path = os.path.join(step_dir, "_CHECKPOINT_METADATA")
+  meta = json.loads(open(path).read())
+  del meta["item_handlers"][checkpointing.INTEGRITY_ITEM]
+  with open(path, "w") as f:
+    json.dump(meta, f)
 
 
 @pytest.mark.parametrize("kind", sorted(DAMAGE))
@@ -369,11 +387,11 @@ def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(saved, tmp_path)
 def test_checkpoint_without_integrity_record_restores_with_a_warning(saved, tmp_path, caplog):
   directory = tmp_path / "checkpoints"
   shutil.copytree(saved, directory)
-  shutil.rmtree(directory / "2" / checkpointing.INTEGRITY_ITEM)  # As written before the record.
+  _as_before_integrity_records(directory / "2")
   ckpt = checkpointing.Checkpointer(directory, every=1, keep=5)
   state, step = ckpt.restore_latest(checkpointing.abstract_like(_state(0)), _iterator())
   ckpt.close()
-  assert step == 2 and "has no integrity record" in caplog.text
+  assert step == 2 and "written before integrity records existed" in caplog.text
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(_state(2)))
 
 

@@ -79,6 +79,7 @@ def base(method: str, pairs: str) -> ml_collections.ConfigDict:
   c.eval.probe_steps = 300
   c.eval.max_train_examples = 0  # 0: every train item when fitting probes
   c.eval.plots = True
+  c.eval.rerun = False  # True: evaluate a finished run again though its eval.json is up to date
   return c
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 
 SAFE_TO_CHANGE = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every",
                   "eval", "skip_nonfinite", "data.worker_count", "data.data_dir",
@@ -85,9 +86,9 @@ def check_batch_divisible(config: ml_collections.ConfigDict, mesh: jax.sharding.
         f"--config.batch_size={max(n_dev, config.batch_size // n_dev * n_dev)}")
 
 
-def _has_checkpoints(workdir: str) -> bool:
-  directory = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+def _has_checkpoints(workdir: str | os.PathLike[str]) -> bool:
+  directory = epath.Path(workdir) / "checkpoints"
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -113,14 +114,30 @@ def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict
           if old.get(k) != new.get(k)}
 
 
-def _write_config(path: str, config: ml_collections.ConfigDict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(config.to_json(indent=2))
-  os.replace(tmp, path)
+def _write_config(path: epath.Path, config: ml_collections.ConfigDict) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(config.to_json(indent=2), encoding="utf-8")
+  tmp.replace(path)
 
 
-def check_workdir_config(config: ml_collections.ConfigDict, workdir: str
+def make_workdir(workdir: str | os.PathLike[str]) -> None:
+  """Creates `workdir` (any `etils.epath` path) and checks that files can be written in it.
+
+  Raises:
+    ConfigError: it cannot be created or written (the message says why).
+  """
+  root = epath.Path(workdir)
+  try:
+    root.mkdir(parents=True, exist_ok=True)
+    probe = root / f".write_probe_{jax.process_index()}"
+    probe.write_text("", encoding="utf-8")
+    probe.unlink()
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir} is not writable ({e.strerror or e}); pass a "
+                      "directory you can write to") from None
+
+
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]
                          ) -> dict[str, tuple[Any, Any]]:
   """Creates `workdir` (with `config.json`), or checks the config of the run it resumes.
 
@@ -137,23 +154,15 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str
     ConfigError: the workdir cannot be written, or the config differs from the saved one in a
       key that changes what the run learns (every such key is named, with the flags to resume).
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")
-    with open(probe, "w", encoding="utf-8"):
-      pass
-    os.remove(probe)
-  except OSError as e:
-    raise ConfigError(f"--workdir={workdir} is not writable ({e.strerror}); pass a directory "
-                      "you can write to") from None
-  if not _has_checkpoints(workdir):
+  root = epath.Path(workdir)
+  path = root / CONFIG_FILE
+  make_workdir(root)
+  if not _has_checkpoints(root):
     if jax.process_index() == 0:
       _write_config(path, config)
     return {}
   try:
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
+    saved = json.loads(path.read_text(encoding="utf-8"))
   except (OSError, ValueError) as e:  # The checkpoints' restore still checks every shape.
     logging.warning("%s is unreadable (%s); the config is not compared", path, e)
     return {}
@@ -170,16 +179,16 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str
   return changes
 
 
-def record_changes(config: ml_collections.ConfigDict, workdir: str,
+def record_changes(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str],
                    changes: dict[str, tuple[Any, Any]]) -> None:
   """Writes the resumed run's safe `changes` to `config.json`, appends them to
   `config_history.jsonl` and says so in one line (process 0; nothing when there are none)."""
   if not changes or jax.process_index() != 0:
     return
   record = {k: {"old": old, "new": new} for k, (old, new) in changes.items()}
-  with open(os.path.join(workdir, HISTORY_FILE), "a", encoding="utf-8") as f:
+  with (epath.Path(workdir) / HISTORY_FILE).open("a", encoding="utf-8") as f:
     f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": record}) + "\n")
-  _write_config(os.path.join(workdir, CONFIG_FILE), config)
+  _write_config(epath.Path(workdir) / CONFIG_FILE, config)
   print(f"resuming {workdir} with changed settings: "
         + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
         + f" (recorded in {HISTORY_FILE})", flush=True)

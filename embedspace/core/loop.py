@@ -3,31 +3,32 @@
 `run_loop` feeds host batches to a compiled step (`step.make_parallel_step`), writes metrics every
 `config.log_every` steps (TensorBoard and `metrics.jsonl`, process 0 only), saves orbax
 checkpoints every `config.checkpoint_every` steps and at the end, stops with the last good state
-when a step was non-finite, and on SIGTERM saves the step in progress and exits with
-`PREEMPTED_EXIT_CODE` so the same command resumes it.
+when a step was non-finite, and on SIGTERM (or Ctrl-C) saves the step in progress and exits with
+`PREEMPTED_EXIT_CODE` (`INTERRUPTED_EXIT_CODE`) so the same command resumes it.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-import tqdm
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from embedspace import parallel
 from embedspace.core import checkpointing
+from embedspace.core import console
 from embedspace.core import metrics as metrics_lib
 from embedspace.core import optim
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: saved a checkpoint on SIGTERM; rerun the same command.
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C, after saving a checkpoint the same way.
 
 
 class NonFiniteLossError(RuntimeError):
@@ -37,7 +38,9 @@ class NonFiniteLossError(RuntimeError):
 class Preemption:
   """SIGTERM, seen between steps: `reached(step)` says when to save and exit PREEMPTED_EXIT_CODE.
 
-  One process: a Python handler turns SIGTERM into a flag. Several processes must all stop
+  One process: a Python handler turns SIGTERM, and a first Ctrl-C (SIGINT), into a flag, so
+  Ctrl-C saves the step in progress too (exit INTERRUPTED_EXIT_CODE); a second Ctrl-C while it
+  saves interrupts at once (KeyboardInterrupt). Several processes must all stop
   after the same step, whichever of them got the signal: there JAX's preemption service decides
   (`jax.distributed.initialize` installs its SIGTERM handler on every process and shares the
   notice through the coordination service; `multihost_utils.reached_preemption_sync_point(step)`
@@ -47,7 +50,8 @@ class Preemption:
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signal = signal.SIGTERM
+    self._previous = {}
     self._multi_process = jax.process_count() > 1
 
   def __enter__(self):
@@ -55,17 +59,20 @@ class Preemption:
       return self
 
     def handler(signum, frame):
-      del signum, frame
-      self.requested = True
+      del frame
+      if self.requested and signum == signal.SIGINT:
+        raise KeyboardInterrupt  # A second Ctrl-C: stop now.
+      self.requested, self.signal = True, signal.Signals(signum)
     try:
-      self._previous = signal.signal(signal.SIGTERM, handler)
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, handler)
     except ValueError:  # Not the main thread (e.g. a notebook worker): no preemption handling.
-      self._previous = None
+      self._previous = {}
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
   def reached(self, step: int) -> bool:
     """Whether to stop after `step` (call once per step, on every process, same step)."""
@@ -78,10 +85,11 @@ class Preemption:
 
 
 class Preempted(SystemExit):
-  """Raised after the checkpoint on SIGTERM is written; exits with PREEMPTED_EXIT_CODE."""
+  """Raised after the checkpoint on SIGTERM (or Ctrl-C) is written; exits with
+  PREEMPTED_EXIT_CODE (INTERRUPTED_EXIT_CODE)."""
 
-  def __init__(self, step: int):
-    super().__init__(PREEMPTED_EXIT_CODE)
+  def __init__(self, step: int, signum: int = signal.SIGTERM):
+    super().__init__(INTERRUPTED_EXIT_CODE if signum == signal.SIGINT else PREEMPTED_EXIT_CODE)
     self.step = step
 
 
@@ -90,20 +98,21 @@ def to_host(tree: Any) -> Any:
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
-def restore_or_start(config: ml_collections.ConfigDict, workdir: str, state: Any,
-                     data_state: Any) -> tuple[checkpointing.Checkpointer, Any, int]:
+def restore_or_start(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str],
+                     state: Any, data_state: Any
+                     ) -> tuple[checkpointing.Checkpointer, Any, int]:
   """The run's checkpointer, and the newest intact checkpoint's `(state, step)` or `(state, 0)`.
 
   `data_state` (the sampler or data iterator) is restored in place with the state.
   """
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = checkpointing.Checkpointer(epath.Path(workdir) / "checkpoints",
                                     every=config.checkpoint_every, keep=config.keep_checkpoints)
   restored = ckpt.restore_latest(checkpointing.abstract_like(state), data_state)
   if restored is not None:
     state, start = restored
-    logging.info("resumed from step %d in %s", start, workdir)
+    console.say(f"resumed from step {start} in {workdir}", everywhere=True)
     return ckpt, state, start
-  if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+  if (epath.Path(workdir) / "metrics.jsonl").exists():
     logging.warning("%s holds metrics of an earlier start but no checkpoint: training starts "
                     "from step 0", workdir)
   return ckpt, state, 0
@@ -116,48 +125,54 @@ def run_loop(config: ml_collections.ConfigDict, state: Any, *, step_fn: Callable
              after_step: Callable[[int, Any, Any], None] | None = None) -> Any:
   """Steps `start + 1 .. config.num_steps` of any trainer here; returns the last state, saved.
 
-  Every `config.log_every` steps the metrics go to `writer` (with `rate_name`: items per second
-  from `items_per_step`, and the learning rate) after the non-finite check; every
+  Every `config.log_every` steps the metrics go to `writer` and the console (with `rate_name`:
+  items per second from `items_per_step`, leaving out the first step of the start, which
+  compiles, and the learning rate) after the non-finite check; every
   `config.checkpoint_every` steps and at the end the state and `data_state` (the sampler or data
-  iterator, an orbax item) are saved. SIGTERM saves the step and raises `Preempted`.
+  iterator, an orbax item) are saved. SIGTERM or Ctrl-C saves the step and raises `Preempted`.
 
   Args:
     step_fn: `(state, sharded batch) -> (state, metrics)`, e.g. from `make_parallel_step`.
     batches: host batches of this process's rows (`parallel.shard_batch` places them).
-    shown: metric names shown beside the loss on the progress bar.
-    after_step: `f(step, state, progress_bar)` after each step (e.g. a kNN monitor).
+    shown: metric names shown beside the loss on the progress bar and in the metric lines.
+    after_step: `f(step, state, progress)` after each step (e.g. a kNN monitor, which prints
+      with `progress.write`, a `console.TrainProgress`); its time is not counted in the rate.
   """
   schedule = optim.learning_rate_schedule(config)
-  progress = progress_bar(start, config.num_steps)
-  t_last, step_last, metrics = time.perf_counter(), start, None
-  with Preemption() as preemption:
+  progress = console.TrainProgress(start, config.num_steps, items_per_step=items_per_step)
+  metrics = None
+  with progress, Preemption() as preemption:  # An error closes the bar, then prints below it.
     for step in range(start, config.num_steps):
       state, metrics = step_fn(state, parallel.shard_batch(mesh, next(batches)))
       done = step + 1
+      progress.dispatched(done, metrics)
       if step % config.log_every == 0 or done == config.num_steps:
         m = to_host(metrics)
-        check_finite(m, done, config, ckpt)
-        now = time.perf_counter()
-        m[rate_name] = items_per_step * (done - step_last) / max(now - t_last, 1e-9)
-        m["learning_rate"] = schedule(step)
-        t_last, step_last = now, done
-        writer.write_scalars(done, m)
-        progress.set_postfix({k: f"{m[k]:.4g}" for k in ("loss",) + tuple(shown)})
-      progress.update(1)
+        progress.finished(done)
+        rate = progress.rate(done)  # None at the first step of a start: it compiled
+        with progress.paused():  # Logging is not training time.
+          check_finite(m, done, config, ckpt)
+          if rate is not None:
+            m[rate_name] = rate
+          m["learning_rate"] = schedule(step)
+          writer.write_scalars(done, m)
+          progress.log(done, m, shown)
       if preemption.reached(done):
+        progress.close()  # The warning below starts on its own line.
         check_finite(to_host(metrics), done, config, ckpt)
         ckpt.save(done, state, data_state, force=True)
         ckpt.close()
         writer.close()
-        logging.warning("SIGTERM: saved step %d to %s; rerun the same command to resume",
-                        done, workdir)
-        raise Preempted(done)
-      if after_step is not None:
-        after_step(done, state, progress)
-      if done % config.checkpoint_every == 0 and done != config.num_steps:
-        check_finite(to_host(metrics), done, config, ckpt)
-        ckpt.save(done, state, data_state)
-  progress.close()
+        logging.warning("%s: saved step %d to %s; rerun the same command to resume",
+                        "Ctrl-C" if preemption.signal == signal.SIGINT else "SIGTERM", done,
+                        workdir)
+        raise Preempted(done, preemption.signal)
+      with progress.paused():  # Monitors and checkpoints are not training time.
+        if after_step is not None:
+          after_step(done, state, progress)
+        if done % config.checkpoint_every == 0 and done != config.num_steps:
+          check_finite(to_host(metrics), done, config, ckpt)
+          ckpt.save(done, state, data_state)
   if config.num_steps > start:
     check_finite(to_host(metrics), config.num_steps, config, ckpt)
     ckpt.save(config.num_steps, state, data_state, force=True)
@@ -177,14 +192,6 @@ def check_finite(m: dict[str, Any], step: int, config: ml_collections.ConfigDict
         f"non-finite loss or gradient at step {first}; the run stopped. Last good checkpoint: "
         f"{'step ' + str(good[-1]) if good else 'none'}. Lower config.optimizer.base_lr, set "
         "config.optimizer.grad_clip_norm, or set config.skip_nonfinite=True to skip such steps.")
-
-
-def progress_bar(start: int, total: int):
-  """A tqdm bar from `start` to `total` steps, shown by process 0 only."""
-  # `disable` only where it must be, so TQDM_DISABLE=1 still silences process 0's bar.
-  hidden = {"disable": True} if jax.process_index() != 0 else {}
-  return tqdm.tqdm(initial=start, total=total, desc="train", unit="step", dynamic_ncols=True,
-                   **hidden)
 
 
 def flatten_scalars(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:

@@ -39,7 +39,8 @@ class Setup:
     metrics_fn: the step's metrics from its outputs (`step.MetricsFn`; default: the loss terms).
     ema: a target network kept as a moving average (`step.Ema`), or None.
     frozen: arrays the step reads but never changes (frozen encoders), or None.
-    monitor: a measurement every `config.eval_every` steps, or None.
+    monitor: a measurement every `config.eval_every` steps and after the last (a learning
+      curve), or None.
     context: whatever `evaluate` needs besides the state (splits, banks, encoders).
   """
   model: Any

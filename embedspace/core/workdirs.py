@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 
 from embedspace.core import checkpointing
 
@@ -25,31 +26,38 @@ class IncompatibleWorkdirError(ValueError):
   """The workdir's config or checkpoint does not fit the model this version of embedspace builds."""
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
+def absolute(workdir: str | os.PathLike[str]) -> epath.Path:
+  """`workdir` as an absolute `epath.Path` (orbax refuses relative paths); a URI such as
+  `gs://bucket/run` is taken as it is."""
+  path = epath.Path(workdir)
+  return path if path.is_absolute() else path.resolve()
+
+
+def read_config(workdir: str | os.PathLike[str]) -> ml_collections.ConfigDict:
   """The config a training run wrote to `workdir/config.json`.
 
   Raises:
     FileNotFoundError: no `config.json` (not a training workdir).
     IncompatibleWorkdirError: `config.json` is not a config.
   """
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(config_path):
+  config_path = epath.Path(workdir) / "config.json"
+  if not config_path.is_file():
     raise FileNotFoundError(f"{workdir} has no config.json: not a training workdir (train with "
                             "python -m embedspace.main --config=... --workdir=DIR first).")
   try:
-    with open(config_path, encoding="utf-8") as f:
-      return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(config_path.read_text(encoding="utf-8")))
   except (OSError, ValueError, TypeError, AttributeError) as e:
     raise IncompatibleWorkdirError(f"{config_path} is not a config ({e}).") from None
 
 
-def restore_newest(workdir: str) -> tuple[Any, dict[str, Any], int]:
+def restore_newest(workdir: str | os.PathLike[str]) -> tuple[Any, dict[str, Any], int]:
   """The config and variables of the newest intact checkpoint of any embedspace training run.
 
   Only the train state is read (not the data iterator), onto one device whatever the device
   count of the run that saved it. It is checked against the checkpoint's integrity record
-  (`checkpointing.verify_restored`). Damaged checkpoints are skipped with a warning and left
-  where they are (training moves them aside when it resumes).
+  (`checkpointing.verify_restored`); a missing record is damage unless the checkpoint predates
+  records (then a warning). Damaged checkpoints are skipped with a warning and left where they
+  are (training moves them aside when it resumes).
 
   Args:
     workdir: a directory written by `train.train_and_evaluate` (`config.json`, `checkpoints/`).
@@ -62,26 +70,30 @@ def restore_newest(workdir: str) -> tuple[Any, dict[str, Any], int]:
     checkpointing.NoIntactCheckpointError: checkpoints exist but none restores.
     IncompatibleWorkdirError: `config.json` is not a config, or the state is not a train state.
   """
-  workdir = os.path.abspath(workdir)  # orbax refuses relative paths.
-  config = read_config(workdir)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(d) for d in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
-                 if d.isdigit())
+  root = absolute(workdir)  # orbax refuses relative paths.
+  workdir = os.fspath(root)
+  config = read_config(root)
+  ckpt_dir = root / "checkpoints"
+  steps = sorted(int(d.name) for d in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else [])
+                 if d.name.isdigit())
   if not steps:
     raise FileNotFoundError(f"{workdir} has no checkpoint under {ckpt_dir}: the run saved "
                             "nothing yet (checkpoints are written every config.checkpoint_every "
                             "steps and at the end).")
   failures = []
   for step in reversed(steps):
-    step_dir = os.path.join(ckpt_dir, str(step))
+    step_dir = ckpt_dir / str(step)
     try:
       state = checkpointing.restore_state(step_dir)
       # Garbage bytes in an array file can restore silently wrong values: check the sha256
-      # record training wrote (checkpoints from before the record are taken as they are).
-      checkpointing.verify_restored(step_dir, state)
+      # record training wrote. Only a checkpoint from before records existed has none: it is
+      # taken as it is, with a warning; a record missing from a newer one is damage.
+      if not checkpointing.verify_restored(step_dir, state):
+        logging.warning("checkpoint %s was written before integrity records existed; loaded "
+                        "without verifying it", step_dir)
     except Exception as e:  # orbax raises many types for damaged files; each one is reported.
-      reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-      logging.warning("checkpoint %s is damaged and is skipped (%s)", step, reason)
+      reason = checkpointing.failure_reason(e)
+      logging.warning("checkpoint %s is damaged and is skipped (%s)", step_dir, reason)
       failures.append(f"step {step}: {reason}")
       continue
     if not isinstance(state, Mapping) or not {"params", "batch_stats"} <= set(state):

@@ -1,8 +1,8 @@
 """One entry point from a dataset name to a random-access source of (image, label) records.
 
-`get_source` handles two kinds of names with a plain if/else: embedspace's local datasets
-(`builders.LOCAL_NAMES`, built on first use from files on this machine) and any TFDS catalog image
-classification dataset (`cifar10`, `mnist`, `imagenette`, ...) that has been prepared in
+`get_source` handles two kinds of names with a plain if/else: the datasets embedspace ships
+(`shipped.SHIPPED_NAMES`, read from the package's idx files into memory) and any TFDS catalog
+image classification dataset (`cifar10`, `mnist`, `imagenette`, ...) that has been prepared in
 `data_dir` as array_record. Nothing is downloaded: the machines that run embedspace may have no
 network, so a catalog dataset that is not there is an error that says how to get it.
 
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from embedspace.data import builders
+from embedspace.data import shipped
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -151,12 +151,17 @@ class ImageSource:
     return f"ImageSource({self.info.name!r}, split={self.info.split!r}, n={len(self)})"
 
 
+def default_data_dir() -> str:
+  """TFDS's default data dir: `$TFDS_DATA_DIR`, else `~/tensorflow_datasets`."""
+  return os.path.expanduser(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
+
+
 def _catalog_builder(name: str, data_dir: str):
   try:
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(
-        f"unknown dataset {name!r}: neither a local dataset {builders.LOCAL_NAMES} nor a TFDS "
+        f"unknown dataset {name!r}: neither a shipped dataset {shipped.SHIPPED_NAMES} nor a TFDS "
         "catalog dataset (https://www.tensorflow.org/datasets/catalog)") from e
 
 
@@ -176,12 +181,12 @@ def normalization(name: str, *,
   """Per-channel `(mean, std)` of pixel/255 that the pipeline uses for dataset `name`.
 
   Reads no data, so a trained model can preprocess new images on a machine without its
-  dataset: the local datasets' constants, `CATALOG_NORMALIZATION`, else ImageNet's (RGB) or
+  dataset: the shipped datasets' constants, `CATALOG_NORMALIZATION`, else ImageNet's (RGB) or
   0.5/0.5 (grayscale).
   """
-  if name in builders.LOCAL_NAMES:
-    cls = builders.builder_class(name)
-    return tuple(cls.MEAN), tuple(cls.STD)
+  if name in shipped.SHIPPED_NAMES:
+    ds = shipped.dataset(name)
+    return ds.mean, ds.std
   if name in CATALOG_NORMALIZATION:
     return CATALOG_NORMALIZATION[name]
   return (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
@@ -192,36 +197,41 @@ def get_source(name: str, *, split: str,
   """A random-access source of a dataset split, and what to know about it.
 
   Args:
-    name: a local dataset (`"embedded_fashion_mnist"`, `"embedded_mnist"`,
-      `"fashion_mnist_full"`; built into `data_dir` on first use) or a TFDS catalog image
-      classification dataset already prepared in `data_dir` as array_record.
-    split: TFDS split string, e.g. `"train"`, `"test"`, `"train[:90%]"`.
-    data_dir: TFDS data dir (default `$TFDS_DATA_DIR` or `~/tensorflow_datasets`).
+    name: a shipped dataset (`"embedded_fashion_mnist"`: Fashion-MNIST, train 60,000 / test
+      10,000; `"embedded_mnist"`: the MNIST test images re-split 8,000 / 2,000; read from the
+      package's files, `data_dir` unused) or a TFDS catalog image classification dataset already
+      prepared in `data_dir` as array_record.
+    split: TFDS split string, e.g. `"train"`, `"test"`, `"train[:90%]"`, `"train+test"`.
+    data_dir: TFDS data dir of catalog datasets (default `$TFDS_DATA_DIR` or
+      `~/tensorflow_datasets`).
 
   Returns:
     `(source, info)`: `source[i]` is `{"image": uint8 [H, W, C], "label": int}`, `len(source)`
-    is `info.num_examples`; `source.info is info`. Splits of fixed-size images up to
-    `CACHE_BYTES` are loaded into memory on the first read (`ImageSource.cache`).
+    is `info.num_examples`; `source.info is info`. Shipped datasets are in memory; catalog splits
+    of fixed-size images up to `CACHE_BYTES` are loaded into memory on the first read
+    (`ImageSource.cache`).
 
   Raises:
-    ValueError: if `name` is neither local nor in the TFDS catalog, or the dataset has no image
-      and class label features.
+    ValueError: if `name` is neither shipped nor in the TFDS catalog, the split string is not
+      valid for it, or the dataset has no image and class label features.
     FileNotFoundError: if a catalog dataset is not prepared in `data_dir` (the message says how
-      to build and copy it), or the files of `fashion_mnist_full` are missing (the message gives
-      the `apt-get` command).
-    idx.IdxFormatError: if a local dataset's idx file is corrupted.
+      to build and copy it), or a shipped dataset's files are missing from the install.
+    idx.IdxFormatError: if a shipped dataset's idx file is corrupted.
   """
-  data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else builders.default_data_dir()
-  if name in builders.LOCAL_NAMES:
-    builder = builders.prepare(name, data_dir=data_dir)
-    records = builder.as_data_source(split=split)
-  else:
-    builder = _catalog_builder(name, data_dir)
-    try:
-      records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except (NotImplementedError, FileNotFoundError, AssertionError) as e:
-      # TFDS reports a missing dataset as an unsupported file format; say what is wrong.
-      raise FileNotFoundError(_not_prepared(name, data_dir, builder)) from e
+  if name in shipped.SHIPPED_NAMES:
+    ds, records = shipped.dataset(name), shipped.load(name, split=split)
+    info = DataInfo(name=name, split=split, num_examples=len(records.labels),
+                    num_classes=len(ds.class_names), class_names=ds.class_names,
+                    image_shape=tuple(records.images.shape[1:]), mean=ds.mean, std=ds.std)
+    return ImageSource(ArrayRecords(records.images, records.labels), info), info
+
+  data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else default_data_dir()
+  builder = _catalog_builder(name, data_dir)
+  try:
+    records = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except (NotImplementedError, FileNotFoundError, AssertionError) as e:
+    # TFDS reports a missing dataset as an unsupported file format; say what is wrong.
+    raise FileNotFoundError(_not_prepared(name, data_dir, builder)) from e
 
   features = builder.info.features
   keys = builder.info.supervised_keys

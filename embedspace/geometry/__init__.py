@@ -17,9 +17,31 @@ triangular solves with the Cholesky factor, never an explicit inverse.
 
 `top_k` finds exact nearest neighbours by scanning key blocks and merging a running top-k, so
 memory is `O(n * (block_size + k))`, never the full `[n, N]` matrix.
+
+Non-finite values. A row is finite when every coordinate is (`finite_rows`); NaN and +-inf count
+alike, since an infinite embedding is an overflow, not a far point. No measure turns a non-finite
+row into an answer that looks confident:
+- every pairwise measure (`pairwise` and each named function, Mahalanobis included) is NaN for a
+  pair with a non-finite row; `binarize` maps NaN to code 0, so `pairwise(metric="hamming")`
+  checks the real values before binarizing;
+- `top_k` never ranks a key that is not finite, scores NaN or is infinitely far: it is skipped
+  like the padding of the last block, slots left without a key get index -1 at the worst value
+  (inf for a distance, -inf for a similarity), and a non-finite query gets index -1 and value NaN
+  in every slot;
+- fitting refuses non-finite rows: called eagerly, `gaussian_stats` raises a `NonFiniteError`
+  (a ValueError) counting them and `fit_gaussian` raises on non-finite statistics. Under `jit`, which cannot raise, they
+  make the statistics NaN and every distance under the fitted Gaussian NaN; no row is dropped
+  silently. Rows with an ignored label (padding) are ignored whatever they hold.
+Within `jit` all of this is elementwise masking: no host round trip, same compiled cost.
+Above this package the same policy holds (docs/measures.md): a search or kNN vote masks
+non-finite rows and reports their count; what fits or ranks a whole set (Mahalanobis, probes,
+retrieval, OOD, the geometry report, the evaluations) refuses them with `require_finite`.
 """
 
+from embedspace.geometry._measures import NonFiniteError
 from embedspace.geometry._measures import binarize
+from embedspace.geometry._measures import finite_rows
+from embedspace.geometry._measures import require_finite
 from embedspace.geometry._measures import hamming_distance
 from embedspace.geometry._measures import manhattan_distance
 from embedspace.geometry._measures import squared_euclidean_distance
@@ -47,9 +69,11 @@ __all__ = [
     "Gaussian",
     "GaussianStats",
     "METRICS",
+    "NonFiniteError",
     "binarize",
     "cosine_similarity",
     "euclidean_distance",
+    "finite_rows",
     "fit_gaussian",
     "gaussian_stats",
     "geodesic_distance",
@@ -65,6 +89,7 @@ __all__ = [
     "negative_arc_length",
     "pairwise",
     "psum_stats",
+    "require_finite",
     "squared_euclidean_distance",
     "top_k",
 ]

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from embedspace import parallel
+from embedspace.geometry._measures import NonFiniteError
 from embedspace.geometry._measures import _PRECISION
 from embedspace.geometry._measures import _as_float
 from embedspace.geometry._measures import _check_nonnegative
@@ -15,11 +16,17 @@ from embedspace.geometry._measures import _check_pair
 from embedspace.geometry._measures import _check_rank2
 from embedspace.geometry._measures import _safe_sqrt
 from embedspace.geometry._measures import euclidean_distance
+from embedspace.geometry._measures import finite_rows
 from embedspace.geometry._measures import squared_euclidean_distance
 
 
 # ----------------------------------------------------------------------------------------------
 # Mahalanobis: point to distribution, with mergeable statistics.
+
+
+def _is_traced(*arrays: jax.Array) -> bool:
+  """True inside a transformation (jit, vmap, grad), where values cannot be read to raise."""
+  return any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
 class GaussianStats(NamedTuple):
@@ -58,8 +65,13 @@ def gaussian_stats(x: jax.Array, labels: jax.Array | None = None, *,
 
   `count_c = |{i : y_i = c}|`, `mean_c = sum_{y_i = c} x_i / count_c`,
   `scatter = sum_i (x_i - mean_{y_i})(x_i - mean_{y_i})^T`. Labels outside `[0, num_classes)`
-  (e.g. -1) are ignored, which is how to pad a batch to a fixed size. Without labels every row
-  is in one class (`C = 1`).
+  (e.g. -1) are ignored, whatever their row holds, which is how to pad a batch to a fixed size.
+  Without labels every row is in one class (`C = 1`).
+
+  A Gaussian cannot be fitted through a non-finite row, so one is an error when it can be: called
+  eagerly, a non-finite row (NaN or +-inf, `finite_rows`) with a used label raises. Under `jit`
+  nothing can be raised; such a row then makes the statistics non-finite, and `fit_gaussian`
+  raises on them (eagerly) or, under `jit`, gives a Gaussian whose every distance is NaN.
 
   Args:
     x: `[n, d]` embeddings (accumulated in float32).
@@ -70,8 +82,8 @@ def gaussian_stats(x: jax.Array, labels: jax.Array | None = None, *,
     `GaussianStats` with `count [C]`, `mean [C, d]`, `scatter [d, d]`.
 
   Raises:
-    ValueError: on `x` not of rank 2, `labels` not `[n]` integers, or a missing/invalid
-      `num_classes`.
+    ValueError: on `x` not of rank 2, `labels` not `[n]` integers, a missing/invalid
+      `num_classes`, or (outside `jit`) rows of `x` that are not finite, with their count.
   """
   _check_rank2(x, "x")
   x = _as_float(x)
@@ -91,6 +103,12 @@ def gaussian_stats(x: jax.Array, labels: jax.Array | None = None, *,
       raise ValueError(
           f"num_classes must be a positive int when labels are given; got {num_classes}.")
   valid = (labels >= 0) & (labels < num_classes)
+  bad = valid & ~finite_rows(x)
+  if not _is_traced(bad) and (num_bad := int(jnp.sum(bad))):
+    raise NonFiniteError(
+        f"{num_bad} of {n} rows of x are not finite (NaN or inf); a Gaussian cannot be fitted "
+        f"through them. Drop them first: x[geometry.finite_rows(x)].")
+  x = jnp.where(valid[:, None], x, 0.0)  # ignored rows may hold anything, even NaN
   onehot = jax.nn.one_hot(labels, num_classes, dtype=x.dtype)  # all-zero rows where invalid
   count = jnp.sum(onehot, axis=0).astype(jnp.int32)
   sums = jnp.dot(onehot.T, x, precision=_PRECISION)
@@ -194,10 +212,16 @@ def fit_gaussian(stats: GaussianStats, *, shrinkage: float = 0.0, ridge: float =
     `Gaussian` with `mean [C, d]`, `covariance [d, d]`, its Cholesky factor, and `count [C]`.
 
   Raises:
-    ValueError: if `shrinkage` is outside [0, 1] or `ridge` is negative.
+    ValueError: if `shrinkage` is outside [0, 1] or `ridge` is negative, or (outside `jit`) if
+      the statistics are not finite, as when non-finite rows were accumulated under `jit`.
   """
   _check_nonnegative(shrinkage, "shrinkage", upper=1.0)
   _check_nonnegative(ridge, "ridge")
+  finite = jnp.all(jnp.isfinite(stats.mean)) & jnp.all(jnp.isfinite(stats.scatter))
+  if not _is_traced(finite) and not bool(finite):
+    raise ValueError(
+        "the statistics are not finite: non-finite rows were accumulated (gaussian_stats checks "
+        "its rows only outside jit). Drop them first: x[geometry.finite_rows(x)].")
   d = stats.scatter.shape[-1]
   total = jnp.maximum(jnp.sum(stats.count), 1).astype(stats.scatter.dtype)
   cov = stats.scatter / total
@@ -234,7 +258,7 @@ def mahalanobis_to_classes(x: jax.Array, gaussian: Gaussian, *, squared: bool = 
     squared: return the squared distance (the score of Lee et al. 2018, negated).
 
   Returns:
-    `[n, C]` float32 distances; `inf` for classes with no samples.
+    `[n, C]` float32 distances; `inf` for classes with no samples; NaN for a non-finite row.
 
   Raises:
     ValueError: on `x` not `[n, d]` with the gaussian's `d`.
@@ -243,8 +267,8 @@ def mahalanobis_to_classes(x: jax.Array, gaussian: Gaussian, *, squared: bool = 
   z = _whiten(_as_float(x), gaussian.cholesky)
   zm = _whiten(gaussian.mean, gaussian.cholesky)
   sq = squared_euclidean_distance(z, zm)
-  dist = sq if squared else _safe_sqrt(sq)
-  return jnp.where(gaussian.count[None, :] > 0, dist, jnp.inf)
+  dist = jnp.where(gaussian.count[None, :] > 0, sq if squared else _safe_sqrt(sq), jnp.inf)
+  return jnp.where(finite_rows(x)[:, None], dist, jnp.nan)
 
 
 def mahalanobis_distance(x: jax.Array, gaussian: Gaussian, *, squared: bool = False) -> jax.Array:
@@ -259,7 +283,7 @@ def mahalanobis_distance(x: jax.Array, gaussian: Gaussian, *, squared: bool = Fa
     squared: return the squared distance.
 
   Returns:
-    `[n]` float32 distances.
+    `[n]` float32 distances; NaN for a non-finite row.
 
   Raises:
     ValueError: on `x` not `[n, d]` with the gaussian's `d`.
@@ -281,7 +305,7 @@ def mahalanobis_pairwise(x: jax.Array, y: jax.Array, gaussian: Gaussian, *,
     squared: return the squared distance.
 
   Returns:
-    `[n, m]` float32 distances.
+    `[n, m]` float32 distances; NaN where a row of `x` or `y` is not finite.
 
   Raises:
     ValueError: on wrong ranks or dims that do not match each other or the gaussian.

@@ -6,6 +6,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _PRECISION = jax.lax.Precision.HIGHEST
 
@@ -54,9 +55,53 @@ def _dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _safe_sqrt(s: jax.Array) -> jax.Array:
-  """sqrt with gradient 0 (not inf or NaN) at s <= 0."""
-  positive = s > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, s, 1.0)), 0.0)
+  """sqrt that is 0 with gradient 0 (not inf or NaN) at s <= 0, and keeps NaN as NaN."""
+  keep = (s > 0) | jnp.isnan(s)
+  return jnp.where(keep, jnp.sqrt(jnp.where(keep, s, 1.0)), 0.0)
+
+
+def finite_rows(x: jax.Array) -> jax.Array:
+  """Which rows hold only finite values (no NaN, no +-inf): `all_i isfinite(x[..., i])`.
+
+  The rows every measure here is defined on (see "Non-finite values" in `embedspace.geometry`).
+
+  Args:
+    x: `[..., d]`; bool and integer arrays are finite throughout.
+
+  Returns:
+    bool `[...]`.
+  """
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.ones(x.shape[:-1], bool)
+  return jnp.all(jnp.isfinite(x), axis=-1)
+
+
+class NonFiniteError(ValueError):
+  """Embeddings with NaN or +-inf rows reached a measure that refuses them (`require_finite`)."""
+
+
+def require_finite(x: np.ndarray, what: str, *, fix: str = "") -> None:
+  """Raises `NonFiniteError` counting the rows of `x` `[n, d]` that are not finite.
+
+  For the measures that cannot mask such rows (fits, probes, rankings over a whole set): the
+  message names `what`, the count, the first bad row and `fix` (default: drop the rows with
+  `x[geometry.finite_rows(x)]`). Runs on the host (numpy); not for use under `jit`.
+  """
+  x = np.asarray(x)
+  if not np.issubdtype(x.dtype, np.inexact) or not x.size:
+    return
+  bad = np.flatnonzero(~np.all(np.isfinite(x.reshape(len(x), -1)), axis=-1))
+  if len(bad):
+    raise NonFiniteError(
+        f"{len(bad)} of {len(x)} rows of {what} are not finite (NaN or inf; first: row "
+        f"{bad[0]}); {fix or 'drop them first: x[geometry.finite_rows(x)]'}.")
+
+
+def _nan_unless_finite(values: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
+  """`values [n, m]`, NaN wherever row i of `x` or row j of `y` is not finite."""
+  both = finite_rows(x)[:, None] & finite_rows(y)[None, :]
+  return jnp.where(both, values, jnp.nan)
 
 
 @jax.custom_jvp
@@ -79,6 +124,9 @@ def _arccos_jvp(primals, tangents):
 def binarize(x: jax.Array) -> jax.Array:
   """Binary codes of real embeddings: `code = 1 if x > 0 else 0`.
 
+  A code cannot say NaN: NaN maps to 0 (and +-inf to their sign). `pairwise(metric="hamming")`
+  and `top_k` look at the real values first, so a non-finite row is NaN or unranked there.
+
   Args:
     x: `[..., d]` real values.
 
@@ -99,7 +147,7 @@ def hamming_distance(x: jax.Array, y: jax.Array) -> jax.Array:
     y: `[m, d]` codes of the same kind.
 
   Returns:
-    `[n, m]` float32 counts.
+    `[n, m]` float32 counts (codes are always finite; see `binarize` for NaN).
 
   Raises:
     ValueError: on wrong ranks, mismatched dims, or floating-point inputs (binarize them first, or
@@ -127,14 +175,14 @@ def manhattan_distance(x: jax.Array, y: jax.Array) -> jax.Array:
     y: `[m, d]`.
 
   Returns:
-    `[n, m]` float32 (or float64) distances.
+    `[n, m]` float32 (or float64) distances; NaN where a row of `x` or `y` is not finite.
 
   Raises:
     ValueError: on wrong ranks or mismatched dims.
   """
   _check_pair(x, y)
   x, y = _as_float(x), _as_float(y)
-  return jnp.sum(jnp.abs(x[:, None, :] - y[None, :, :]), axis=-1)
+  return _nan_unless_finite(jnp.sum(jnp.abs(x[:, None, :] - y[None, :, :]), axis=-1), x, y)
 
 
 def squared_euclidean_distance(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -148,7 +196,7 @@ def squared_euclidean_distance(x: jax.Array, y: jax.Array) -> jax.Array:
     y: `[m, d]`.
 
   Returns:
-    `[n, m]` float32 (or float64) distances.
+    `[n, m]` float32 (or float64) distances; NaN where a row of `x` or `y` is not finite.
 
   Raises:
     ValueError: on wrong ranks or mismatched dims.
@@ -157,21 +205,21 @@ def squared_euclidean_distance(x: jax.Array, y: jax.Array) -> jax.Array:
   x, y = _as_float(x), _as_float(y)
   xx = jnp.sum(x * x, axis=-1)[:, None]
   yy = jnp.sum(y * y, axis=-1)[None, :]
-  return jnp.maximum(xx + yy - 2.0 * _dot_t(x, y), 0.0)
+  return _nan_unless_finite(jnp.maximum(xx + yy - 2.0 * _dot_t(x, y), 0.0), x, y)
 
 
 def euclidean_distance(x: jax.Array, y: jax.Array) -> jax.Array:
   """L2 distance `sqrt(|x - y|^2)` (see `squared_euclidean_distance`).
 
   The square root has gradient 0 where the squared distance is 0 (e.g. `x == y`), instead of
-  NaN; elsewhere it is the exact gradient.
+  NaN; elsewhere it is the exact gradient. It keeps a NaN squared distance NaN.
 
   Args:
     x: `[n, d]`.
     y: `[m, d]`.
 
   Returns:
-    `[n, m]` float32 (or float64) distances.
+    `[n, m]` float32 (or float64) distances; NaN where a row of `x` or `y` is not finite.
 
   Raises:
     ValueError: on wrong ranks or mismatched dims.
@@ -216,7 +264,7 @@ def cosine_similarity(x: jax.Array, y: jax.Array, *, eps: float = 1e-8) -> jax.A
     eps: smallest norm divided by (see `l2_normalize`).
 
   Returns:
-    `[n, m]` float32 (or float64) similarities.
+    `[n, m]` float32 (or float64) similarities; NaN where a row of `x` or `y` is not finite.
 
   Raises:
     ValueError: on wrong ranks or mismatched dims.
@@ -224,7 +272,7 @@ def cosine_similarity(x: jax.Array, y: jax.Array, *, eps: float = 1e-8) -> jax.A
   _check_pair(x, y)
   x, y = _as_float(x), _as_float(y)
   cos = _dot_t(l2_normalize(x, eps=eps), l2_normalize(y, eps=eps))
-  return jnp.clip(cos, -1.0, 1.0)
+  return _nan_unless_finite(jnp.clip(cos, -1.0, 1.0), x, y)
 
 
 def geodesic_distance(x: jax.Array, y: jax.Array, *, eps: float = 1e-8) -> jax.Array:
@@ -242,7 +290,7 @@ def geodesic_distance(x: jax.Array, y: jax.Array, *, eps: float = 1e-8) -> jax.A
     eps: smallest norm divided by (see `l2_normalize`).
 
   Returns:
-    `[n, m]` float32 (or float64) distances.
+    `[n, m]` float32 (or float64) distances; NaN where a row of `x` or `y` is not finite.
 
   Raises:
     ValueError: on wrong ranks or mismatched dims.
@@ -262,7 +310,7 @@ def negative_arc_length(x: jax.Array, y: jax.Array, *, eps: float = 1e-8) -> jax
     eps: smallest norm divided by (see `l2_normalize`).
 
   Returns:
-    `[n, m]` float32 (or float64) similarities.
+    `[n, m]` float32 (or float64) similarities; NaN where a row of `x` or `y` is not finite.
 
   Raises:
     ValueError: on wrong ranks or mismatched dims.

@@ -9,10 +9,12 @@ from embedspace.geometry._measures import _arccos
 from embedspace.geometry._measures import _as_float
 from embedspace.geometry._measures import _check_pair
 from embedspace.geometry._measures import _dot_t
+from embedspace.geometry._measures import _nan_unless_finite
 from embedspace.geometry._measures import _safe_sqrt
 from embedspace.geometry._measures import binarize
 from embedspace.geometry._measures import cosine_similarity
 from embedspace.geometry._measures import euclidean_distance
+from embedspace.geometry._measures import finite_rows
 from embedspace.geometry._measures import geodesic_distance
 from embedspace.geometry._measures import hamming_distance
 from embedspace.geometry._measures import l2_normalize
@@ -83,7 +85,8 @@ def pairwise(x: jax.Array, y: jax.Array, *, metric: str,
     gaussian: the covariance for "mahalanobis" (required there, rejected elsewhere).
 
   Returns:
-    `[n, m]` float32 values; see `is_similarity` for which way is closer.
+    `[n, m]` float32 values; see `is_similarity` for which way is closer. NaN for every pair with
+    a non-finite row (`finite_rows`), under every metric ("hamming" checks before binarizing).
 
   Raises:
     ValueError: on an unknown metric (listing the valid ones), a missing or unexpected
@@ -92,7 +95,7 @@ def pairwise(x: jax.Array, y: jax.Array, *, metric: str,
   _check_metric_args(metric, gaussian)
   _check_pair(x, y)
   if metric == "hamming":
-    return hamming_distance(_codes(x), _codes(y))
+    return _nan_unless_finite(hamming_distance(_codes(x), _codes(y)), x, y)
   if metric == "manhattan":
     return manhattan_distance(x, y)
   if metric == "euclidean":
@@ -143,6 +146,13 @@ def top_k(queries: jax.Array, keys: jax.Array, *, metric: str, k: int, block_siz
   `[n, block_size, d]` before fusion). Ties go to the lower key index. Process queries in blocks
   to bound `n`.
 
+  Non-finite values are never ranked: a key is skipped, like padding, when its row is not finite
+  (`finite_rows`), when its score is NaN, or when it is infinitely far (distance inf, similarity
+  -inf). A query with fewer than `k` keys left gets index -1 at the worst value (inf for a
+  distance, -inf for a similarity) in its last slots; a non-finite query gets index -1 and value
+  NaN in every slot. Index -1 is "no neighbour": mask it (`indices >= 0`) before indexing with
+  it, where it would wrap to the last row.
+
   Args:
     queries: `[n, d]`.
     keys: `[N, d]`.
@@ -153,7 +163,7 @@ def top_k(queries: jax.Array, keys: jax.Array, *, metric: str, k: int, block_siz
 
   Returns:
     `(values [n, k], indices [n, k])`: the metric's values (largest similarity / smallest distance
-    first) and int32 row indices into `keys`.
+    first) and int32 row indices into `keys`, -1 where there is no neighbour (see above).
 
   Raises:
     ValueError: on an unknown metric, bad `gaussian`, wrong ranks, mismatched dims,
@@ -169,18 +179,22 @@ def top_k(queries: jax.Array, keys: jax.Array, *, metric: str, k: int, block_siz
   if block_size < 1:
     raise ValueError(f"block_size must be >= 1; got {block_size}.")
 
+  query_ok, key_ok = finite_rows(queries), finite_rows(keys)
   q, kv, score, finish = _ranking(metric, queries, keys, gaussian)
   block = min(block_size, num_keys)
   num_blocks = -(-num_keys // block)
   pad = num_blocks * block - num_keys
   kv = jnp.pad(kv, ((0, pad), (0, 0))).reshape(num_blocks, block, kv.shape[1])
+  key_ok = jnp.pad(key_ok, (0, pad)).reshape(num_blocks, block)  # padding is not a key
   offsets = jnp.arange(num_blocks, dtype=jnp.int32) * block
 
   def step(carry, xs):
     best, best_idx = carry
-    key_block, offset = xs
+    key_block, ok, offset = xs
     idx = offset + jnp.arange(block, dtype=jnp.int32)
-    s = jnp.where((idx < num_keys)[None, :], score(q, key_block), -jnp.inf)
+    s = score(q, key_block)
+    # Masked scores tie with the initial (-inf, -1) entries, which come first and so win.
+    s = jnp.where(ok[None, :] & ~jnp.isnan(s), s, -jnp.inf)
     merged = jnp.concatenate([best, s.astype(best.dtype)], axis=1)
     merged_idx = jnp.concatenate([best_idx, jnp.broadcast_to(idx, (n, block))], axis=1)
     best, pos = jax.lax.top_k(merged, k)
@@ -188,5 +202,8 @@ def top_k(queries: jax.Array, keys: jax.Array, *, metric: str, k: int, block_siz
 
   dtype = jax.eval_shape(score, q, kv[0]).dtype
   init = (jnp.full((n, k), -jnp.inf, dtype), jnp.full((n, k), -1, jnp.int32))
-  (best, best_idx), _ = jax.lax.scan(step, init, (kv, offsets))
-  return finish(best), best_idx
+  (best, best_idx), _ = jax.lax.scan(step, init, (kv, key_ok, offsets))
+  worst = -jnp.inf if metric in _SIMILARITIES else jnp.inf
+  values = jnp.where(best_idx >= 0, finish(best), worst)
+  values = jnp.where(query_ok[:, None], values, jnp.nan)
+  return values, jnp.where(query_ok[:, None], best_idx, -1)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from embedspace.measure import plots
 from embedspace.interface import find
@@ -207,7 +208,8 @@ def evaluate_run(config: ml_collections.ConfigDict, env: dict[str, Any], params:
   if out_dir is not None:
     write_report(report, out_dir)
     if ev.plots:
-      plot_examples(sc, examples, env, scene_of, slot_of, os.path.join(out_dir, "examples.png"))
+      plot_examples(sc, examples, env, scene_of, slot_of,
+                    os.fspath(epath.Path(out_dir) / "examples.png"))
   return report
 
 
@@ -238,7 +240,7 @@ def scene_kwargs(config: ml_collections.ConfigDict) -> dict[str, int]:
 
 def write_report(report: dict[str, Any], out_dir: str) -> None:
   """`out_dir/report.md`: one table row per method and prompt modality."""
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   lines = ["# FIND-style interface: evaluation", "",
            f"{report['num_scenes']} eval scenes, {report['num_items']} items, each prompted "
            "once per modality; retrieval ranks every scene for every eval prompt.", "",
@@ -266,8 +268,7 @@ def write_report(report: dict[str, Any], out_dir: str) -> None:
             f"masks' ceiling is {seg['resolution_ceiling_iou']:.3f}); object count right in "
             f"{seg['count_accuracy']:.3f} of scenes.", "",
             "![prompts, answers and boxes](examples.png)"]
-  with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
+  (epath.Path(out_dir) / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def plot_examples(sc: scenes_lib.Scenes, examples: dict[str, Any], env: dict[str, Any],
@@ -302,5 +303,4 @@ def plot_examples(sc: scenes_lib.Scenes, examples: dict[str, Any], env: dict[str
                "interface (prompt token), blue dashed: sliding-window baseline",
                fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  plots.save(fig, path, dpi=110)

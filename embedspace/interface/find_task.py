@@ -23,6 +23,7 @@ from absl import logging
 from embedspace import data as image_data
 from embedspace.core import checkpointing
 from embedspace.core import config_checks
+from embedspace.core import console
 from embedspace.core import workdirs
 from embedspace.core.config_checks import ConfigError, require
 from embedspace.core.task import Setup
@@ -199,8 +200,10 @@ class FindTask:
                initial: Any, out_dir: str | None) -> dict[str, Any]:
     """`find_eval.evaluate_run`: the interface against the sliding-window baseline."""
     del initial
-    return find_eval.evaluate_run(config, setup.context["env"], jax.device_get(state.params),
-                                  out_dir=out_dir if jax.process_index() == 0 else None)
+    with console.Phases("evaluate", ["grounding, retrieval and baselines"]) as phase:
+      phase("grounding, retrieval and baselines")
+      return find_eval.evaluate_run(config, setup.context["env"], jax.device_get(state.params),
+                                    out_dir=out_dir if jax.process_index() == 0 else None)
 
   def load(self, workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any], Any, int]:
     """`load_workdir(workdir)`: the config, environment and parameters of the run."""

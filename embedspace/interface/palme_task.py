@@ -22,10 +22,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from embedspace import parallel
 from embedspace.core import checkpointing
 from embedspace.core import config_checks
+from embedspace.core import console
 from embedspace.core import workdirs
 from embedspace.core.config_checks import ConfigError, require
 from embedspace.core.task import Setup
@@ -224,11 +226,10 @@ def write_report(report: dict[str, Any], config: ml_collections.ConfigDict, out_
     for s in shown:
       lines.append(f"| {task} | `{s['prompt']}` | {s['answer']} | {s['generated']} | "
                    f"{s['image']} | {s['audio']} |")
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, "report.md")
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
-  return path
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+  path = epath.Path(out_dir) / "report.md"
+  path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  return os.fspath(path)
 
 
 def init_params(config: ml_collections.ConfigDict, model: palme.PalmE, rng: jax.Array, *,
@@ -294,10 +295,13 @@ class PalmETask:
                initial: Any, out_dir: str | None) -> dict[str, Any]:
     """Greedy answers to the eval prompts of every task (`evaluate`), and `report.md`."""
     del initial
-    report = evaluate(config, setup.model, jax.device_get(state.params),
-                      setup.context["vectors"]["eval"])
-    if out_dir and jax.process_index() == 0:
-      write_report(report, config, out_dir)
+    with console.Phases("evaluate", ["greedy answers", "report"]) as phase:
+      phase("greedy answers")
+      report = evaluate(config, setup.model, jax.device_get(state.params),
+                        setup.context["vectors"]["eval"])
+      phase("report")
+      if out_dir and jax.process_index() == 0:
+        write_report(report, config, out_dir)
     return report
 
   def load(self, workdir: str) -> tuple[ml_collections.ConfigDict, palme.PalmE, Any, int]:

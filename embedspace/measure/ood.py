@@ -159,6 +159,7 @@ def fit_detectors(train_x: np.ndarray, train_y: np.ndarray, *, num_classes: int,
 
   Raises:
     ValueError: on mismatched shapes, labels outside `[0, num_classes)` or `k < 1`.
+    geometry.NonFiniteError: on training rows that are not finite (NaN or inf).
   """
   train_x = np.asarray(train_x, np.float32)
   train_y = np.asarray(train_y)
@@ -170,6 +171,7 @@ def fit_detectors(train_x: np.ndarray, train_y: np.ndarray, *, num_classes: int,
                      f"{train_y.max()}].")
   if k < 1:
     raise ValueError(f"k must be >= 1; got {k}.")
+  geometry.require_finite(train_x, "train_x")
   x, y = jnp.asarray(train_x), jnp.asarray(train_y, jnp.int32)
   stats = geometry.gaussian_stats(x, y, num_classes=num_classes)
   gaussian = geometry.fit_gaussian(stats, shrinkage=shrinkage)
@@ -219,11 +221,14 @@ def ood_scores(detectors: Detectors, x: np.ndarray, *, query_block: int = 1024,
 
   Raises:
     ValueError: if `x` is not `[n, d]` with the detectors' `d`.
+    geometry.NonFiniteError: on rows of `x` that are not finite (NaN or inf).
   """
   x = np.asarray(x, np.float32)
   d = detectors.means.shape[1]
   if x.ndim != 2 or x.shape[1] != d:
     raise ValueError(f"x must be [n, {d}]; got shape {x.shape}.")
+  # A NaN point has no distance to anything: no score can say how far out it is.
+  geometry.require_finite(x, "x")
   block = max(1, min(query_block, len(x)))
   parts: dict[str, list[np.ndarray]] = {name: [] for name in SCORES}
   for start in range(0, len(x), block):

@@ -8,10 +8,12 @@ distances, dimension usage, OOD scores, 2-D maps), writes one PNG and returns it
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from embedspace.measure import ood
 
@@ -22,6 +24,14 @@ def pyplot():
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   return plt
+
+
+def save(fig: Any, path: str | os.PathLike[str], *, dpi: int) -> str:
+  """Writes `fig` as a PNG to `path` (a local or any `etils.epath` path), closes it; `path`."""
+  with epath.Path(path).open("wb") as f:
+    fig.savefig(f, format="png", dpi=dpi)
+  pyplot().close(fig)
+  return os.fspath(path)
 
 
 def plot_class_similarity(sims: Mapping[str, np.ndarray], class_names: Sequence[str],
@@ -43,9 +53,7 @@ def plot_class_similarity(sims: Mapping[str, np.ndarray], class_names: Sequence[
     ax.set_title(f"{title}: mean {measure} between classes")
     fig.colorbar(im, ax=ax, fraction=0.046)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return save(fig, path, dpi=110)
 
 
 def plot_pair_histograms(pairs: Mapping[str, Mapping[str, Any]],
@@ -74,9 +82,7 @@ def plot_pair_histograms(pairs: Mapping[str, Mapping[str, Any]],
     ax.axis("off")
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return save(fig, path, dpi=100)
 
 
 def plot_geodesic(geodesic: Mapping[str, Mapping[str, np.ndarray]], path: str) -> str:
@@ -92,9 +98,7 @@ def plot_geodesic(geodesic: Mapping[str, Mapping[str, np.ndarray]], path: str) -
     ax.set_title(title)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return save(fig, path, dpi=100)
 
 
 def plot_dimensions(usage: Mapping[str, Mapping[str, Any]], path: str) -> str:
@@ -112,9 +116,7 @@ def plot_dimensions(usage: Mapping[str, Mapping[str, Any]], path: str) -> str:
   for ax in axes:
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return save(fig, path, dpi=100)
 
 
 def plot_ood(scores: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
@@ -146,9 +148,7 @@ def plot_ood(scores: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
                ylabel="TPR (in accepted)")
     roc_ax.legend(fontsize=6)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return save(fig, path, dpi=100)
 
 
 def plot_maps(maps: Mapping[str, np.ndarray], labels: np.ndarray, class_names: Sequence[str],
@@ -166,6 +166,24 @@ def plot_maps(maps: Mapping[str, np.ndarray], labels: np.ndarray, class_names: S
     ax.set_yticks([])
   axes[0, -1].legend(fontsize=7, markerscale=4, loc="center left", bbox_to_anchor=(1, 0.5))
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return save(fig, path, dpi=100)
+
+
+def plot_curve(curve: Mapping[str, Sequence[float]], baselines: Mapping[str, float],
+               path: str) -> str:
+  """Accuracy against training steps (`curve`: "step" and one list per score), with each
+  baseline's score as a dashed line. Returns `path`."""
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(5.5, 3.4))
+  steps = np.asarray(curve["step"])
+  for name, values in curve.items():
+    if name != "step":
+      ax.plot(steps, np.asarray(values) * 100, marker="o", ms=3, label=name.replace("_", " "))
+  for i, (name, value) in enumerate(baselines.items()):
+    ax.axhline(value * 100, ls="--", lw=1, color=f"C{i + 3}", label=name.replace("_", " "))
+  ax.set_xlabel("training step")
+  ax.set_ylabel("accuracy (%)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  return save(fig, path, dpi=130)

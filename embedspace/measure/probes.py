@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
 from embedspace import geometry
 
@@ -43,16 +44,22 @@ def _check_split(x: np.ndarray, y: np.ndarray, name: str, num_classes: int) -> N
 def _knn_block(queries: jax.Array, keys: jax.Array, key_labels: jax.Array,
                temperature: jax.Array, *, metric: str, k: int, weighted: bool, num_classes: int,
                key_block: int) -> jax.Array:
-  """Class votes of one block of queries: [q, d] -> [q, num_classes]."""
+  """Class votes of one block of queries: [q, d] -> [q, num_classes].
+
+  A slot `top_k` could not fill (index -1: a non-finite query, or fewer finite keys than `k`)
+  votes for no class, so a non-finite query gets no vote at all.
+  """
   values, indices = geometry.top_k(queries, keys, metric=metric, k=k, block_size=key_block)
+  found = indices >= 0
   closeness = values if geometry.is_similarity(metric) else -values
   if weighted:
     # Shifting by the closest neighbour's value scales a query's weights by one constant (same
     # vote) and keeps exp() finite for distances of any scale.
-    weights = jnp.exp((closeness - closeness[:, :1]) / temperature)
+    weights = jnp.where(found, jnp.exp((closeness - closeness[:, :1]) / temperature), 0.0)
   else:
-    weights = jnp.ones_like(closeness)
-  onehot = jax.nn.one_hot(key_labels[indices], num_classes, dtype=weights.dtype)
+    weights = found.astype(closeness.dtype)
+  labels = jnp.where(found, key_labels[jnp.maximum(indices, 0)], -1)  # one_hot(-1) is all 0
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=weights.dtype)
   return jnp.einsum("qk,qkc->qc", weights, onehot)
 
 
@@ -65,7 +72,9 @@ def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, *,
   Args and Raises: as `knn_classify` (without the test labels).
 
   Returns:
-    int32 `[M]` predicted classes.
+    int32 `[M]` predicted classes; -1 for a test point that is not finite (NaN or inf), which
+    has no neighbours. Training points that are not finite are never neighbours. Both counts
+    are logged as a warning.
   """
   train_x, train_y, test_x = np.asarray(train_x), np.asarray(train_y), np.asarray(test_x)
   _check_split(train_x, train_y, "train", num_classes)
@@ -91,11 +100,22 @@ def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, *,
       q = np.concatenate([q, np.zeros((block - n, q.shape[1]), q.dtype)])
     votes = _knn_block(
         jnp.asarray(q, jnp.float32), keys, key_labels, jnp.float32(temperature), metric=metric,
-        k=k, weighted=weighted, num_classes=num_classes, key_block=key_block)
-    preds.append(jnp.argmax(votes[:n], axis=-1))
+        k=k, weighted=weighted, num_classes=num_classes, key_block=key_block)[:n]
+    preds.append(jnp.where(jnp.sum(votes, axis=-1) > 0, jnp.argmax(votes, axis=-1), -1))
   if not preds:
     return np.zeros((0,), np.int32)
+  _report_nonfinite(train_x, test_x)
   return np.concatenate([np.asarray(p) for p in preds]).astype(np.int32)
+
+
+def _report_nonfinite(train_x: np.ndarray, test_x: np.ndarray) -> None:
+  """Warns with the counts of the rows the kNN vote masked (see `knn_predict`)."""
+  bad_keys, bad_queries = (int(np.sum(~np.all(np.isfinite(x), axis=-1)))
+                           for x in (np.asarray(train_x), np.asarray(test_x)))
+  if bad_keys or bad_queries:
+    logging.warning("kNN: %d of %d training points are not finite (NaN or inf) and are never "
+                    "neighbours; %d of %d test points are not finite and get no class (-1, "
+                    "counted wrong)", bad_keys, len(train_x), bad_queries, len(test_x))
 
 
 def knn_classify(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
@@ -131,7 +151,8 @@ def knn_classify(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     key_block: training points per step of `geometry.top_k`.
 
   Returns:
-    Fraction of test points whose predicted class is `test_y`.
+    Fraction of test points whose predicted class is `test_y` (a test point that is not finite
+    counts as wrong; see `knn_predict`).
 
   Raises:
     ValueError: on mismatched shapes, an empty test set, labels outside `[0, num_classes)`,
@@ -236,11 +257,14 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
   Raises:
     ValueError: on mismatched shapes, an empty test set, labels outside `[0, num_classes)`, an
       empty grid, negative l2 or a split that leaves no row on either side.
+    geometry.NonFiniteError: rows of `train_x` or `test_x` that are not finite (NaN or inf).
   """
   train_x, train_y = np.asarray(train_x, np.float32), np.asarray(train_y)
   test_x, test_y = np.asarray(test_x, np.float32), np.asarray(test_y)
   _check_split(train_x, train_y, "train", num_classes)
   _check_split(test_x, test_y, "test", num_classes)
+  geometry.require_finite(train_x, "train_x")
+  geometry.require_finite(test_x, "test_x")
   if test_x.shape[1] != train_x.shape[1]:
     raise ValueError(f"train_x and test_x differ in dim: {train_x.shape} vs {test_x.shape}.")
   if not len(test_x):

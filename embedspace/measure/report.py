@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from embedspace import geometry, losses
 from embedspace.measure import ood
@@ -167,8 +168,14 @@ def hypersphere_report(x: np.ndarray, labels: np.ndarray, *, num_classes: int,
   Returns:
     `(numbers, arrays)`: JSON-ready numbers, and the arrays the plots need ("geodesic",
     "pairs", "class_similarity", "dimensions").
+
+  Raises:
+    geometry.NonFiniteError: on rows of `x`, `view1` or `view2` that are not finite.
   """
   x, labels = np.asarray(x, np.float32), np.asarray(labels)
+  for name, v in (("x", x), ("view1", view1), ("view2", view2)):
+    if v is not None:
+      geometry.require_finite(v, name)
   idx = _subset(len(x), max_points, seed)
   xs, ys = x[idx], labels[idx]
   us = unit(xs)
@@ -328,6 +335,5 @@ def write_markdown(report: Mapping[str, Any], images: Mapping[str, str], path: s
   out += ["## Pictures", ""]
   for title, image in images.items():
     out += [f"### {title}", "", f"![{title}]({os.path.basename(image)})", ""]
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("\n".join(out))
+  epath.Path(path).write_text("\n".join(out), encoding="utf-8")
   return path

@@ -80,8 +80,11 @@ def prepare(name: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndar
 
   Raises:
     ValueError: on an unknown measure name or a non-positive code length.
+    geometry.NonFiniteError: on rows that are not finite (a fit or a code of them means nothing).
   """
   train_x, test_x = np.asarray(train_x, np.float32), np.asarray(test_x, np.float32)
+  geometry.require_finite(train_x, "train_x")
+  geometry.require_finite(test_x, "test_x")
   if name.startswith("hamming_"):
     bits = int(name.split("_", 1)[1])
     if bits < 1:
@@ -172,6 +175,7 @@ def retrieval(queries: np.ndarray, query_labels: np.ndarray, keys: np.ndarray,
 
   Raises:
     ValueError: on mismatched shapes, an unknown metric, or a cut-off outside [1, N].
+    geometry.NonFiniteError: on query or key rows that are not finite (NaN or inf).
   """
   queries, keys = np.asarray(queries, np.float32), np.asarray(keys, np.float32)
   query_labels, key_labels = np.asarray(query_labels), np.asarray(key_labels)
@@ -183,6 +187,8 @@ def retrieval(queries: np.ndarray, query_labels: np.ndarray, keys: np.ndarray,
                      f"{key_labels.shape}.")
   if metric == "mahalanobis":
     raise ValueError("retrieval takes whitened features for Mahalanobis: see retrieval.prepare.")
+  geometry.require_finite(queries, "queries")  # A NaN query would rank keys in storage order.
+  geometry.require_finite(keys, "keys")
   geometry.is_similarity(metric)  # raises on an unknown metric
   ks = tuple(int(k) for k in ks)
   if not ks or min(ks) < 1 or max(ks) > len(keys):

@@ -62,7 +62,15 @@ class MLP(nn.Module):
 
 
 class EmbeddingModel(nn.Module):
-  """A ResNet encoder followed by an MLP projector.
+  """An encoder (a ResNet by default) followed by a projector (an MLP by default).
+
+  With `encoder=None` the encoder is the `resnet.ResNet` of `stage_sizes` and `width`; any other
+  encoder is passed as a module (`vit.ViT(...)`: any flax module with `__call__(images, *, train)
+  -> [B, feat_dim]` and a `feat_dim` property), and likewise a projector other than the MLP of
+  `projector_dims` (`dino_head.DINOHead(...)`: `__call__(x, *, train) -> [B, out_dim]`, an
+  `out_dim` attribute). Either way they are the submodules `encoder` and `projector`, so the
+  parameter tree, the outputs and the code that trains and evaluates the model do not depend on
+  which encoder or projector it has. A passed-in module keeps its own `dtype` and batch-norm axis.
 
   Attributes:
     stage_sizes: BasicBlocks per ResNet stage (see `resnet.ResNet`); defaults are `resnet.small`.
@@ -71,9 +79,13 @@ class EmbeddingModel(nn.Module):
       the embeddings are then the features.
     dtype: compute dtype (parameters float32, outputs float32).
     bn_axis_name: mesh axis for synchronised batch norm in encoder and projector alike.
+    encoder: the encoder module (unbound), or None for the ResNet of `stage_sizes` and `width`.
+    projector: the projector module (unbound), or None for the MLP of `projector_dims`.
 
   Example:
     model = EmbeddingModel(stage_sizes=(1, 1, 1, 1), width=16, projector_dims=(512, 512))
+    model = EmbeddingModel(encoder=vit.ViT(width=192, depth=12, num_heads=3),
+                           projector_dims=(2048, 2048, 256))
     variables = model.init(rng, images, train=False)
     (features, embeddings), updates = model.apply(
         variables, images, train=True, mutable=["batch_stats"])
@@ -83,15 +95,21 @@ class EmbeddingModel(nn.Module):
   projector_dims: Sequence[int] = (512, 512)
   dtype: Dtype = jnp.float32
   bn_axis_name: str | None = None
+  encoder: nn.Module | None = None
+  projector: nn.Module | None = None
 
   @property
   def feat_dim(self) -> int:
     """Size of `features`."""
+    if self.encoder is not None:
+      return self.encoder.feat_dim
     return self.width * 2 ** (len(self.stage_sizes) - 1)
 
   @property
   def embed_dim(self) -> int:
     """Size of `embeddings`."""
+    if self.projector is not None:
+      return self.projector.out_dim
     return self.projector_dims[-1] if self.projector_dims else self.feat_dim
 
   @nn.compact
@@ -100,18 +118,23 @@ class EmbeddingModel(nn.Module):
 
     Args:
       images: float [B, H, W, C].
-      train: batch statistics (True, needs `mutable=['batch_stats']`) or running averages.
+      train: batch statistics (True, needs `mutable=['batch_stats']` when a part has batch
+        norm) or running averages.
 
     Returns:
       `(features, embeddings)`: float32 [B, feat_dim] encoder output (for evaluation) and
       float32 [B, embed_dim] projector output (for the losses).
 
     Raises:
-      ValueError: on images that are not float [B, H, W, C] (see `resnet.ResNet`).
+      ValueError: on images that are not float [B, H, W, C] (see `resnet.ResNet`, `vit.ViT`).
     """
-    features = resnet.ResNet(
-        stage_sizes=self.stage_sizes, width=self.width, dtype=self.dtype,
-        bn_axis_name=self.bn_axis_name, name="encoder")(images, train=train)
+    encoder = self.encoder
+    if encoder is None:
+      encoder = resnet.ResNet(stage_sizes=self.stage_sizes, width=self.width, dtype=self.dtype,
+                              bn_axis_name=self.bn_axis_name, name="encoder")
+    features = encoder(images, train=train).astype(jnp.float32)
+    if self.projector is not None:
+      return features, self.projector(features, train=train).astype(jnp.float32)
     if not self.projector_dims:
       return features, features
     embeddings = MLP(

@@ -301,6 +301,11 @@ class StepSampler(abc.ABC):
   def start_prefetch(self) -> None:
     """Nothing to prefetch (grain's checkpoint handler calls this after a restore)."""
 
+  def seek(self, step: int) -> None:
+    """Positions the sampler at the global `step`: its batches are a function of (seed, step)
+    on any number of processes, so a checkpoint of another process count resumes exactly."""
+    self.step = int(step)
+
 
 class PairedBatches(StepSampler):
   """Endless class-paired batches; `get_state`/`set_state` make it an orbax/grain checkpoint item.

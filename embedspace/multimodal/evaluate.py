@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
+from embedspace import geometry
+from embedspace.measure import NONFINITE_FIX
+from embedspace.core import console
 from embedspace.measure import probes
 from embedspace.measure import plots as plots_lib
 from embedspace.measure import retrieval
@@ -160,19 +163,29 @@ def evaluate_run(config: ml_collections.ConfigDict, model: models.MultimodalMode
 
   Returns:
     A JSON-able dict: "zero_shot", "retrieval", "probe", "arithmetic", "logit_scale".
+
+  Raises:
+    geometry.NonFiniteError: the model gives NaN or inf embeddings (count and first row named).
   """
   modalities = tuple(model.modalities)
   trained = {frozenset(p) for p in data_lib.parse_pairs(config.pairs)}
   bs = config.eval.batch_size
+  phase = console.Phases("evaluate", ["embedding", "zero-shot/retrieval", "probes"]
+                         + ["report"] * (out_dir is not None))
+  phase("embedding")
   embed_fn = make_embed_fn(model, variables)
   emb = {name: embed_split(embed_fn, splits[name], modalities=modalities, batch_size=bs)
          for name in ("train", "eval")}
+  for name, by_modality in emb.items():  # Every measure below would be meaningless on NaN.
+    for m, x in by_modality.items():
+      geometry.require_finite(x, f"the {m} embeddings of the {name} split", fix=NONFINITE_FIX)
   test = splits["eval"]
   labels = {"image": test.image_label, "audio": test.audio_label, "text": test.text_label}
   report: dict[str, Any] = {"logit_scale": {
       k.removeprefix("logit_scale_"): float(np.minimum(np.exp(v), 100.0))
       for k, v in variables["params"].items() if k.startswith("logit_scale_")}}
 
+  phase("zero-shot/retrieval")
   if "text" in modalities:
     protos = prototypes(emb["eval"]["text"], test.text_label)
     report["zero_shot"] = {m: zero_shot_accuracy(emb["eval"][m], labels[m], protos)
@@ -196,6 +209,7 @@ def evaluate_run(config: ml_collections.ConfigDict, model: models.MultimodalMode
       row = retrieval_row(emb["eval"][a][:, :k], labels[a], emb["eval"][b][:, :k], labels[b])
       row["trained"] = frozenset((a, b)) in trained
       report["retrieval"][f"{a}->{b} (common dims)"] = row
+  phase("probes")
   train = splits["train"]
   train_labels = {"image": train.image_label, "audio": train.audio_label}
   steps, limit = config.eval.probe_steps, config.eval.max_train_examples
@@ -214,7 +228,9 @@ def evaluate_run(config: ml_collections.ConfigDict, model: models.MultimodalMode
     report["arithmetic"] = arithmetic(emb["eval"]["audio"], test.audio_label,
                                       test.audio_speaker, protos)
   if out_dir is not None:
+    phase("report")
     write_report(report, emb["eval"], labels, out_dir, plots=config.eval.plots)
+  phase.close()
   return report
 
 
@@ -229,7 +245,7 @@ def class_similarity(x: np.ndarray, x_labels: np.ndarray, y: np.ndarray, y_label
 def write_report(report: dict[str, Any], emb: dict[str, np.ndarray],
                  labels: dict[str, np.ndarray], out_dir: str, *, plots: bool) -> None:
   """`out_dir/report.md` (tables) and, with `plots`, `out_dir/similarity.png` (heatmaps)."""
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   lines = ["# Multimodal evaluation", ""]
   if "zero_shot" in report:
     lines += ["## Zero-shot classification from held-out text prompts", "",
@@ -270,8 +286,6 @@ def write_report(report: dict[str, Any], emb: dict[str, np.ndarray],
              xticks=range(10), yticks=range(10))
       fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "similarity.png"), dpi=100)
-    plt.close(fig)
+    plots_lib.save(fig, epath.Path(out_dir) / "similarity.png", dpi=100)
     lines += ["", "![cross-modal class similarity](similarity.png)"]
-  with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
+  (epath.Path(out_dir) / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -24,7 +24,7 @@ Every input is prepared as the run's training and evaluation prepare it: images 
 pixels normalised with MNIST's mean and std; recordings as float waveforms at 8 kHz in [-1, 1],
 cut to their loudest `config.data.audio_samples` window or zero-padded (`audio.fix_length`);
 captions as lower-cased words of the captions' vocabulary (`text.tokenize`; unknown words become
-`<unk>`). The outputs are the joint-space embeddings (after the projector heads), float32.
+`<unk>` and are named in a warning). The outputs are the joint-space embeddings (after the projector heads), float32.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import json
 import os
 import re
 import time
-import wave
 from typing import Any
 
 import jax
@@ -120,7 +119,8 @@ class MultimodalSpace:
       return out
     if isinstance(items, str) or not all(isinstance(t, str) for t in items):
       raise ValueError("captions must be a sequence of strings.")
-    return text_lib.tokenize(tuple(items), max_length=int(self.config.data.text_length))
+    return text_lib.tokenize(tuple(items), max_length=int(self.config.data.text_length),
+                           warn_unknown=True)
 
   def embed(self, modality: str, items: Any) -> np.ndarray:
     """Joint-space embeddings float32 `[n, D]` of raw `items` (see `prepare`)."""
@@ -167,29 +167,8 @@ def load(workdir: str, *, batch_size: int = 256) -> MultimodalSpace:
 
 
 def read_wav(path: str) -> np.ndarray:
-  """A PCM `.wav` file as a float32 mono waveform at 8 kHz in [-1, 1].
-
-  8-, 16- and 32-bit PCM; channels are averaged; other sample rates are resampled linearly.
-
-  Raises:
-    ValueError: the file is not a PCM WAV file.
-  """
-  try:
-    with wave.open(path, "rb") as f:
-      rate, channels, width = f.getframerate(), f.getnchannels(), f.getsampwidth()
-      raw = f.readframes(f.getnframes())
-  except (wave.Error, EOFError) as e:
-    raise ValueError(f"{path} is not a PCM WAV file ({e}).") from None
-  if width not in (1, 2, 4):
-    raise ValueError(f"{path} has {8 * width}-bit samples; read_wav takes 8-, 16- or 32-bit PCM.")
-  kind = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
-  x = np.frombuffer(raw, kind).astype(np.float64)
-  x = (x - 128) / 128 if width == 1 else x / float(2 ** (8 * width - 1))
-  x = x.reshape(-1, channels).mean(axis=1)
-  if rate != audio_lib.SAMPLE_RATE and len(x):
-    n = max(1, round(len(x) * audio_lib.SAMPLE_RATE / rate))
-    x = np.interp(np.arange(n) * rate / audio_lib.SAMPLE_RATE, np.arange(len(x)), x)
-  return x.astype(np.float32)
+  """A `.wav` file as a float32 mono waveform at 8 kHz in [-1, 1] (`audio.read_wav`)."""
+  return audio_lib.read_wav(path, sample_rate=audio_lib.SAMPLE_RATE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,13 +239,13 @@ def open_data(space: MultimodalSpace, modality: str, spec: str, *,
               {"kind": "text", "path": spec})
 
 
-def embed_to_file(space: MultimodalSpace, modality: str, data: Data, path: str) -> dict[str, Any]:
+def embed_to_file(space: MultimodalSpace, modality: str, data: Data, path: str, *,
+                  overwrite: bool = True) -> dict[str, Any]:
   """Writes the embeddings of `data` to the embeddings file `path` (`store`), with its sidecar.
 
-  Returns the sidecar record.
+  Returns the sidecar record. `overwrite`: replace an existing embeddings file there
+  (`store.check_output`).
   """
-
-
   if not len(data.ids):
     raise ValueError("there is nothing to embed: the data holds no items.")
   started = time.perf_counter()
@@ -275,7 +254,7 @@ def embed_to_file(space: MultimodalSpace, modality: str, data: Data, path: str) 
                     **({"channels": 1} if modality == "image" else {})},
           "output": "joint", "source": data.source, "class_names": list(data.class_names)}
   with store.EmbeddingsWriter(path, num=len(data.ids), dim=space.dim, ids=data.ids,
-                              meta=meta) as writer:
+                              meta=meta, overwrite=overwrite) as writer:
     for start in range(0, len(data.ids), space.batch_size):
       stop = start + space.batch_size
       writer.write(space.embed(modality, data.items[start:stop]), data.labels[start:stop])

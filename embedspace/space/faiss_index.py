@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from embedspace import geometry
 from embedspace.space import search
 
 
@@ -96,9 +97,13 @@ def build(keys: np.ndarray, *, measure: str | search.Measure) -> FaissIndex:
   Raises:
     ImportError: faiss is not installed (the message says how to install it).
     ValueError: on an unknown measure, or "sqeuclidean"/"geodesic" (use euclidean/cosine).
+    geometry.NonFiniteError: on keys that are not finite (NaN or inf).
   """
   faiss = _faiss()
   keys = np.ascontiguousarray(keys, np.float32)
+  # faiss would index a NaN row like any other and rank it: refuse (row numbers must stay).
+  geometry.require_finite(keys, "the keys", fix="a faiss index would rank them; drop them "
+                          "before building it (and keep the map to the original rows)")
   if not isinstance(measure, search.Measure):
     measure = search.fit_measure(keys, measure=measure)
   if measure.name not in search.MEASURES:

@@ -30,6 +30,7 @@ from embedspace.core import checkpointing
 from embedspace.core.workdirs import IncompatibleWorkdirError
 from embedspace.data import normalization
 from embedspace.data.augment import center_view
+from embedspace.space.inputs import uint8_hint
 
 ApplyFn = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
 
@@ -135,8 +136,11 @@ def embed(apply_fn: ApplyFn, variables: Any, batches: Iterable[Mapping[str, np.n
 
 
 def _input_channels(variables: Mapping[str, Any]) -> int:
-  """`C` of the images the encoder takes, read from its stem convolution `[3, 3, C, width]`."""
-  return int(np.shape(variables["params"]["encoder"]["conv_stem"]["kernel"])[2])
+  """`C` of the images the encoder takes, read from its first convolution: a ResNet's stem
+  `[3, 3, C, width]` or a ViT's patch embedding `[patch, patch, C, width]`."""
+  encoder = variables["params"]["encoder"]
+  stem = encoder["conv_stem"] if "conv_stem" in encoder else encoder["patch_embedding"]
+  return int(np.shape(stem["kernel"])[2])
 
 
 def check_compatible(model: Any, config: Any, variables: Mapping[str, Any], workdir: str) -> None:
@@ -244,8 +248,8 @@ class TrainedModel:
   def _checked(self, image: np.ndarray, i: int, *, resize: bool) -> np.ndarray:
     """`image` as `[H, W, C]`, or an `ImageError` saying what is wrong with it."""
     if image.dtype != np.uint8:
-      raise ImageError(i, f"is {image.dtype}; images must be uint8 pixels in [0, 255] (for values "
-                       "in [0, 1] pass (x * 255).round().astype(np.uint8)).")
+      raise ImageError(i, f"is {image.dtype}; images must be uint8 pixels in [0, 255] "
+                       f"({uint8_hint(image.dtype)}).")
     if image.ndim == 2:
       image = image[..., None]
     if image.ndim != 3 or min(image.shape) < 1:

@@ -145,19 +145,52 @@ def _folder(path: str, *, channels: int) -> Items:
                source={"kind": "folder", "path": root}, reader=reader)
 
 
-def _array(path: str, *, labels: str | None) -> Items:
-  path = os.path.abspath(path)
+def uint8_hint(dtype: np.dtype) -> str:
+  """How to turn pixels of `dtype` into the uint8 pixels in [0, 255] a model takes."""
+  if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+    return "if the values are pixels in [0, 255], convert them with x.astype(np.uint8)"
+  if np.issubdtype(dtype, np.floating):
+    return "for values in [0, 1] pass (x * 255).round().astype(np.uint8)"
+  return "pass uint8 pixels in [0, 255]"
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+  """The array of the `.npy` file `path` (memory-mapped), or a ValueError naming the problem."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} does not exist.")
-  images = np.load(path, mmap_mode="r")
+  try:
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    reason = "it does not start with numpy's .npy header" if "pickle" in str(e) else str(e)
+    raise ValueError(f"{path} is not a .npy array file ({reason}); save the {what} with "
+                     f"np.save(path, {what}).") from None
+
+
+def _labels(path: str, n: int, images: str) -> np.ndarray:
+  """int64 `[n]` class ids from the `.npy` `path` (whole-number floats accepted)."""
+  y = np.asarray(_load_npy(path, "labels"))
+  if y.shape != (n,):
+    raise ValueError(f"{path} holds {y.shape} labels for {n} images in {images}.")
+  if not np.issubdtype(y.dtype, np.integer):
+    floats = np.issubdtype(y.dtype, np.floating)
+    bad = y[~(np.isfinite(y) & (y == np.round(y)))] if floats else y
+    if len(bad):
+      raise ValueError(f"{path} holds {y.dtype} labels that are not whole numbers (e.g. "
+                       f"{bad.tolist()[0]}); labels must be integer class ids (-1: unknown), e.g. "
+                       "np.save(path, labels.astype(np.int64)).")
+  return y.astype(np.int64)
+
+
+def _array(path: str, *, labels: str | None) -> Items:
+  path = os.path.abspath(path)
+  images = _load_npy(path, "images")
   if images.dtype != np.uint8 or images.ndim not in (3, 4):
+    hint = uint8_hint(images.dtype) if images.dtype != np.uint8 else "pass [n, H, W(, C)]"
     raise ValueError(f"{path} holds {images.dtype} {images.shape}; need uint8 images [n, H, W] "
-                     "or [n, H, W, C] (pixels in [0, 255]).")
+                     f"or [n, H, W, C] (pixels in [0, 255]): {hint}.")
   if labels:
     labels = os.path.abspath(labels)
-    y = np.asarray(np.load(labels), np.int64)
-    if y.shape != images.shape[:1]:
-      raise ValueError(f"{labels} holds {y.shape} labels for {len(images)} images in {path}.")
+    y = _labels(labels, len(images), path)
   else:
     y = np.full(len(images), -1, np.int64)
   class_names = tuple(str(c) for c in range(int(y.max()) + 1)) if len(y) and y.max() >= 0 else ()

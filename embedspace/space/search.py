@@ -21,11 +21,10 @@ import numpy as np
 
 from embedspace import geometry
 from embedspace.measure import retrieval
+from embedspace.space.measures import EXTRA_MEASURES, MEASURES
 
-MEASURES = ("hamming", "manhattan", "euclidean", "mahalanobis", "cosine", "negative_arc_length")
-"""The measures of the founding note; `top_k` also takes "sqeuclidean" and "geodesic"."""
-
-EXTRA_MEASURES = ("sqeuclidean", "geodesic")
+__all__ = ["EXTRA_MEASURES", "MEASURES", "Measure", "class_similarity", "fit_measure",
+           "nearest_classes", "top_k"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +67,12 @@ def fit_measure(keys: np.ndarray, *, measure: str, gaussian: geometry.Gaussian |
       mean and covariance, shrunk by `shrinkage`).
     shrinkage: see `geometry.fit_gaussian`.
 
+  Non-finite keys (NaN or inf) never move the Hamming centre, which is the mean of the finite
+  ones; a Mahalanobis fit refuses them.
+
   Raises:
     ValueError: on an unknown measure (listing the valid ones) or keys that are not `[N, d]`.
+    geometry.NonFiniteError: "mahalanobis" without `gaussian` and keys that are not finite.
   """
   if measure not in MEASURES + EXTRA_MEASURES:
     raise ValueError(f"unknown measure {measure!r}; valid measures are {', '.join(MEASURES)} "
@@ -77,10 +80,15 @@ def fit_measure(keys: np.ndarray, *, measure: str, gaussian: geometry.Gaussian |
   keys = np.asarray(keys, np.float32)
   if keys.ndim != 2 or not len(keys):
     raise ValueError(f"keys must be [N, d] with N >= 1; got shape {keys.shape}.")
-  if measure == "hamming":
-    return Measure(measure, "hamming", center=keys.mean(axis=0))
+  if measure == "hamming":  # The centre of the finite keys: a NaN row would make it all NaN.
+    finite = np.all(np.isfinite(keys), axis=1)
+    center = keys[finite].mean(axis=0) if finite.any() else np.zeros(keys.shape[1], np.float32)
+    return Measure(measure, "hamming", center=center)
   if measure == "mahalanobis":
     if gaussian is None:
+      geometry.require_finite(keys, "the keys", fix=(
+          "a covariance cannot be fitted through them; drop them first, or fit the Gaussian on "
+          "the finite keys and pass it as gaussian="))
       gaussian = geometry.fit_gaussian(geometry.gaussian_stats(jnp.asarray(keys)),
                                        shrinkage=shrinkage)
     return Measure(measure, "euclidean", gaussian=gaussian)
@@ -109,7 +117,10 @@ def top_k(queries: np.ndarray, keys: np.ndarray, *, measure: str | Measure, k: i
 
   Returns:
     `(values [n, k] float32, indices [n, k] int64)`: the measure's values (largest similarity
-    or smallest distance first) and row numbers into `keys`.
+    or smallest distance first) and row numbers into `keys`. As `geometry.top_k`, a key that is
+    not finite is never returned: slots left without a key hold index -1 (at the worst value),
+    and a query that is not finite gets -1 (value NaN) in every slot. Mask `indices >= 0`
+    before using them as rows.
 
   Raises:
     ValueError: on an unknown measure, mismatched shapes, `k` outside `[1, N]` or blocks < 1.
@@ -153,8 +164,9 @@ def class_similarity(x: np.ndarray, labels: np.ndarray, *, measure: str,
 
   `M_ab = mean_{i in a, j in b, i != j} m(x_i, x_j)` over a seeded random subset of at most
   `max_points` labelled rows (rows with label < 0 are left out), computed in row blocks of
-  `block` against the subset (memory `block * max_points`). The measure is fitted on the subset
-  (`fit_measure`). A class with fewer than 2 members in the subset has NaN on its diagonal (none:
+  `block` against the subset (memory `block * max_points`). Rows that are not finite (NaN or
+  inf) are left out like unlabelled ones (`used` counts the rest). The measure is fitted on the
+  subset (`fit_measure`). A class with fewer than 2 members in the subset has NaN on its diagonal (none:
   NaN row and column).
 
   Args:
@@ -175,9 +187,10 @@ def class_similarity(x: np.ndarray, labels: np.ndarray, *, measure: str,
   x, labels = np.asarray(x, np.float32), np.asarray(labels)
   if x.ndim != 2 or labels.shape != x.shape[:1]:
     raise ValueError(f"need x [n, d] and labels [n]; got {x.shape} and {labels.shape}.")
-  rows = np.flatnonzero(labels >= 0)
+  rows = np.flatnonzero((labels >= 0) & np.all(np.isfinite(x), axis=1))
   if not len(rows):
-    raise ValueError("the embeddings have no labels (all -1); a class map needs labelled rows.")
+    raise ValueError("the embeddings have no labels (all -1) on rows with finite values; a "
+                     "class map needs labelled rows.")
   rows = np.sort(np.random.default_rng(seed).permutation(rows)[:max_points])
   c = int(labels[rows].max()) + 1 if num_classes is None else int(num_classes)
   fitted = fit_measure(x[rows], measure=measure)

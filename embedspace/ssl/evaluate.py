@@ -30,10 +30,15 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.sharding import Mesh
 
 from embedspace import data as data_lib
+from embedspace import geometry
 from embedspace import parallel
+from embedspace.core import console
+from embedspace.core import metrics as metrics_lib
+from embedspace.measure import NONFINITE_FIX
 from embedspace.measure import ood
 from embedspace.measure import plots
 from embedspace.measure import report as report_lib
@@ -48,6 +53,9 @@ __all__ = ["embed", "evaluate_run", "knn_classify", "knn_predict", "linear_probe
 # The evaluation of a training run: trained model beside its two baselines.
 
 OOD_DATASET = "embedded_mnist"
+OOD_SPLIT = "train+test"
+"""All 10,000 MNIST test digits: the shipped `embedded_mnist` divides them 8,000 / 2,000 for the
+multimodal runs; the OOD set of the standard protocol is the whole MNIST test split."""
 """Out-of-distribution data of the default run: the MNIST test digits shipped in the package."""
 
 _MAP_POINTS = 2000
@@ -65,10 +73,24 @@ def _raw_pixels(loader: Iterable[Mapping[str, np.ndarray]]) -> dict[str, np.ndar
   return {"features": pixels, "labels": np.concatenate(labels)}
 
 
-def _subsample(split: dict[str, np.ndarray], limit: int) -> dict[str, np.ndarray]:
-  if not limit or len(split["labels"]) <= limit:
-    return split
-  return {k: v[:limit] for k, v in split.items()}
+class _Head:
+  """The first `limit` records of `source` (all when `limit` is 0), read by index as `source`.
+
+  The evaluation's `max_train_examples` / `max_eval_examples` cut a split before it is embedded,
+  so a `:smoke` run does not embed 70,000 images to score 512 of them.
+  """
+
+  def __init__(self, source: Any, limit: int):
+    self.source, self.info = source, source.info
+    self.size = len(source) if not limit else min(limit, len(source))
+
+  def __len__(self) -> int:
+    return self.size
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    if not 0 <= index < self.size:
+      raise IndexError(index)
+    return self.source[index]
 
 
 def _scores(train: dict[str, np.ndarray], test: dict[str, np.ndarray], key: str, *,
@@ -137,7 +159,7 @@ def _two_views(config: Any, source: Any, apply_fn: Any, variables: Any, mesh: Me
 
 
 def evaluate_run(config: Any, model: Any, variables: Any, mesh: Mesh, *,
-                 init_variables: Any | None = None, knn_only: bool = False,
+                 init_variables: Any | None = None, monitor: bool = False,
                  full: bool = True, out_dir: str | None = None,
                  ood_dataset: str | None = OOD_DATASET,
                  code_lengths: tuple[int, ...] = retrieval.DEFAULT_CODE_LENGTHS,
@@ -146,7 +168,8 @@ def evaluate_run(config: Any, model: Any, variables: Any, mesh: Mesh, *,
   """The whole evaluation of an embedding model on `config.data`'s train and eval splits.
 
   Embeds `config.data.train_split` (the kNN database, probe training set and OOD fit set; at
-  most `config.eval.max_train_examples` of it) and `config.data.eval_split` with the model in
+  most `config.eval.max_train_examples` of it) and `config.data.eval_split` (at most
+  `config.eval.max_eval_examples`; 0: all) with the model in
   inference mode, then measures the encoder features and the projector embeddings:
 
   - "trained"/"random_init"/"raw_pixels": weighted cosine kNN (k=`config.eval.knn_k`) and the
@@ -160,8 +183,9 @@ def evaluate_run(config: Any, model: Any, variables: Any, mesh: Mesh, *,
     augmented views, uniformity, effective rank, dimension usage, geodesic distances,
     class-similarity matrix, same- vs different-class separation per measure).
 
-  `knn_only` gives just the trained encoder's kNN accuracy, the cheap monitor run every
-  `config.eval_every` steps; `full=False` stops after the kNN and probe scores and their
+  `monitor` gives just the trained encoder's kNN and linear-probe accuracy, the learning curve
+  measured every `config.eval_every` steps (on at most `config.eval.monitor_examples` train and
+  eval images each); `full=False` stops after the kNN and probe scores and their
   baselines (the evaluation before "measures" existed, ~3x cheaper). With `out_dir`, process 0
   also writes `report.json`, `report.md` and the PNGs there.
 
@@ -171,7 +195,7 @@ def evaluate_run(config: Any, model: Any, variables: Any, mesh: Mesh, *,
     variables: `{"params", "batch_stats"}` of the trained model.
     mesh: the data-parallel mesh.
     init_variables: variables of the randomly initialised model (baseline), or None.
-    knn_only: only the trained encoder's cosine kNN accuracy.
+    monitor: only the trained encoder's cosine kNN and probe accuracy (the curve).
     full: also "measures", "ood" and "geometry" (and the pictures with `out_dir`).
     out_dir: where to write the report and pictures (None: numbers only).
     ood_dataset: the OOD dataset name for `data.get_source`, or None/"" to skip OOD.
@@ -188,12 +212,33 @@ def evaluate_run(config: Any, model: Any, variables: Any, mesh: Mesh, *,
 
   Raises:
     FileNotFoundError / ValueError: from `data.get_source` for a missing or unknown dataset.
+    geometry.NonFiniteError: the trained model gives NaN or inf features or embeddings.
   """
+  names = [] if monitor else (
+      ["embedding", "kNN/probe"] + ["baselines"] * bool(config.eval.baselines)
+      + (["measures"] + ["OOD"] * bool(ood_dataset) + ["geometry"]
+         + ["plots"] * bool(out_dir and jax.process_index() == 0) if full else []))
+  with console.Phases("evaluate", names) as phase:  # Nothing shown for the kNN monitor.
+    return _evaluate_run(config, model, variables, mesh, phase=phase,
+                         init_variables=init_variables, monitor=monitor, full=full,
+                         out_dir=out_dir, ood_dataset=ood_dataset, code_lengths=code_lengths,
+                         ood_k=ood_k, max_pair_points=max_pair_points, tsne=tsne, step=step,
+                         command=command)
+
+
+def _evaluate_run(config: Any, model: Any, variables: Any, mesh: Mesh, *,
+                  phase: console.Phases, init_variables: Any | None, monitor: bool,
+                  full: bool, out_dir: str | None, ood_dataset: str | None,
+                  code_lengths: tuple[int, ...], ood_k: int, max_pair_points: int, tsne: bool,
+                  step: int | None, command: str) -> dict[str, Any]:
+  """`evaluate_run`, reporting each phase to `phase`."""
   started = time.perf_counter()
   splits, sources = {}, {}
   for role, split in (("train", config.data.train_split), ("test", config.data.eval_split)):
     source, info = data_lib.get_source(config.data.name, split=split,
                                        data_dir=config.data.data_dir)
+    limit = config.eval.get("max_train_examples" if role == "train" else "max_eval_examples", 0)
+    source = _Head(source, limit)
     sources[role] = source
     splits[role] = data_lib.eval_loader(source, batch_size=config.eval.batch_size,
                                         image_size=config.data.image_size)
@@ -202,12 +247,18 @@ def evaluate_run(config: Any, model: Any, variables: Any, mesh: Mesh, *,
 
   def embedded(variables):
     out = {role: embed(apply_fn, variables, loader, mesh=mesh) for role, loader in splits.items()}
-    return _subsample(out["train"], config.eval.max_train_examples), out["test"]
+    return out["train"], out["test"]
 
+  phase("embedding")
   train, test = embedded(variables)
-  if knn_only:
+  if monitor:  # The kNN vote masks non-finite rows and counts them (`probes.knn_predict`).
     return {"trained": {"encoder": _scores(train, test, "features", num_classes=num_classes,
-                                           config=config, probe=False)}}
+                                           config=config)}}
+  for role, split in (("train", train), ("eval", test)):  # Every measure below refuses NaN.
+    for key in ("features", "embeddings"):
+      geometry.require_finite(split[key], f"the trained model's {key} of the {role} split",
+                              fix=NONFINITE_FIX)
+  phase("kNN/probe")
   result: dict[str, Any] = {
       "trained": {"encoder": _scores(train, test, "features", num_classes=num_classes,
                                      config=config),
@@ -223,11 +274,12 @@ def evaluate_run(config: Any, model: Any, variables: Any, mesh: Mesh, *,
   notes: list[str] = []
   pixels = None
   if config.eval.baselines:
+    phase("baselines")
     if init_variables is not None:
       train0, test0 = embedded(init_variables)
       result["random_init"] = {"encoder": _scores(train0, test0, "features",
                                                   num_classes=num_classes, config=config)}
-    pixels = (_subsample(_raw_pixels(splits["train"]), config.eval.max_train_examples),
+    pixels = (_raw_pixels(splits["train"]),
               _raw_pixels(splits["test"]))
     result["raw_pixels"] = _scores(*pixels, "features", num_classes=num_classes, config=config)
 
@@ -239,19 +291,19 @@ def evaluate_run(config: Any, model: Any, variables: Any, mesh: Mesh, *,
     spaces["raw_pixels"] = (pixels[0]["features"], pixels[1]["features"])
 
   # Every measure: kNN and retrieval.
-  t0 = time.perf_counter()
+  phase("measures")
   result["measures"] = {
       space: retrieval.measure_table(tr, train["labels"], te, test["labels"],
                                      num_classes=num_classes, k=config.eval.knn_k,
                                      code_lengths=code_lengths, seed=config.seed)
       for space, (tr, te) in spaces.items()}
-  logging.info("evaluate: measures in %.1f s", time.perf_counter() - t0)
 
   # Out-of-distribution detection.
   ood_scores = {}
   if ood_dataset:
-    t0 = time.perf_counter()
-    out_source, out_info = data_lib.get_source(ood_dataset, split="test",
+    phase("OOD")
+    ood_split = OOD_SPLIT if ood_dataset == OOD_DATASET else "test"
+    out_source, out_info = data_lib.get_source(ood_dataset, split=ood_split,
                                                data_dir=config.data.data_dir)
     if out_info.channels != info.channels:
       notes.append(f"OOD skipped: {ood_dataset} has {out_info.channels} channels, "
@@ -270,13 +322,12 @@ def evaluate_run(config: Any, model: Any, variables: Any, mesh: Mesh, *,
         metrics[space], ood_scores[space] = ood.evaluate_ood(
             tr, train["labels"], te, out_x, num_classes=num_classes, k=ood_k)
       result["ood"] = {"in_distribution": f"{config.data.name}:{config.data.eval_split}",
-                       "out_of_distribution": f"{ood_dataset}:test",
+                       "out_of_distribution": f"{ood_dataset}:{ood_split}",
                        "num_out": int(len(outside["labels"])), "k": ood_k, "metrics": metrics}
-      logging.info("evaluate: OOD in %.1f s: encoder %s", time.perf_counter() - t0,
-                   ood.summarize(metrics["encoder"]))
+      logging.info("evaluate: OOD: encoder %s", ood.summarize(metrics["encoder"]))
 
   # Hypersphere geometry of the eval split.
-  t0 = time.perf_counter()
+  phase("geometry")
   views = _two_views(config, sources["test"], apply_fn, variables, mesh,
                      max_points=max_pair_points)
   geometry_numbers, geometry_arrays = {}, {}
@@ -292,11 +343,11 @@ def evaluate_run(config: Any, model: Any, variables: Any, mesh: Mesh, *,
   if views is None:
     notes.append("alignment skipped: the eval split is smaller than one batch per device.")
   result["geometry"] = geometry_numbers
-  logging.info("evaluate: geometry in %.1f s", time.perf_counter() - t0)
   result["notes"] = notes
   result["seconds"] = time.perf_counter() - started
 
   if out_dir and jax.process_index() == 0:
+    phase("plots")
     _write_report(result, out_dir, test=test, spaces=spaces, ood_scores=ood_scores,
                   geometry_arrays=geometry_arrays, class_names=info.class_names, tsne=tsne,
                   seed=config.seed, command=command)
@@ -310,8 +361,8 @@ def _write_report(result: dict[str, Any], out_dir: str, *, test: dict[str, np.nd
                   class_names: tuple[str, ...], tsne: bool, seed: int,
                   command: str) -> None:
   """PNGs, `report.json` and `report.md` in `out_dir`."""
-  os.makedirs(out_dir, exist_ok=True)
-  path = lambda name: os.path.join(out_dir, name)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+  path = lambda name: os.fspath(epath.Path(out_dir) / name)  # noqa: E731
   images = {}
   images["Which classes sit close: mean cosine similarity between classes"] = (
       plots.plot_class_similarity(
@@ -343,14 +394,47 @@ def _write_report(result: dict[str, Any], out_dir: str, *, test: dict[str, np.nd
       maps[f"{space} t-SNE"] = xy
   images["2-D maps of the eval split"] = plots.plot_maps(
       maps, test["labels"][idx], class_names, path("maps.png"))
-  with open(path("report.json"), "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=1)
+  curve = read_curve(os.path.join(os.path.dirname(os.path.abspath(out_dir)), "metrics.jsonl"))
+  if curve["step"]:
+    result["curve"] = curve
+    raw = result.get("raw_pixels", {})
+    baselines = {f"raw pixels {s.removesuffix('_accuracy')}": raw[s]
+                 for s in ("knn_accuracy", "linear_probe_accuracy") if s in raw}
+    images["Learning curve: kNN and linear probe against steps (monitor subset)"] = (
+        plots.plot_curve(curve, baselines, path("curve.png")))
+  epath.Path(path("report.json")).write_text(json.dumps(result, indent=1), encoding="utf-8")
   report_lib.write_markdown(result, images, path("report.md"), command=command,
                             class_names=class_names)
 
 
 # ----------------------------------------------------------------------------------------------
 # A training workdir.
+
+
+def monitor_config(config: Any) -> Any:
+  """`config` with the learning curve's subsets as the evaluation's: at most
+  `config.eval.monitor_examples` train and eval images (default 10,000; 0: the whole splits)."""
+  limit = int(config.eval.get("monitor_examples", 10_000))
+  curve = config.copy_and_resolve_references()
+  with curve.unlocked():
+    for key in ("max_train_examples", "max_eval_examples"):
+      current = int(curve.eval.get(key, 0))
+      curve.eval[key] = min(current, limit) if current and limit else (current or limit)
+  return curve
+
+
+def read_curve(path: str) -> dict[str, list[float]]:
+  """The learning curve the monitor wrote to `metrics.jsonl` at `path` (empty lists if none);
+  a step logged twice (a resumed run) keeps its last record."""
+  by_step = {}
+  if os.path.exists(path):
+    for record in metrics_lib.read_jsonl(path):
+      if "curve/knn_accuracy" in record:
+        by_step[int(record["step"])] = record
+  steps = sorted(by_step)
+  return {"step": steps,
+          "knn_accuracy": [by_step[s]["curve/knn_accuracy"] for s in steps],
+          "linear_probe_accuracy": [by_step[s]["curve/linear_probe_accuracy"] for s in steps]}
 
 
 def options(eval_config: Any) -> dict[str, Any]:
