@@ -37,6 +37,8 @@ setuptools.setup(
         "tensorboardX>=2.6.5",
         "tqdm>=4.66",
         "matplotlib>=3.9",
+        "scipy>=1.11",  # audio: scipy.io.wavfile and the polyphase resampler
+        "etils[epath]>=1.7",  # workdirs as epath.Path (local or gs://)
     ],
     extras_require={
         # t-SNE maps in the evaluation report; without it they are skipped with a note.

@@ -343,3 +343,31 @@ def matmul_peak(n: int, repeats: int, device: str) -> dict[str, dict[str, Any]]:
 
   return compare({"jax": lambda: mm(a, b).block_until_ready(), "torch": torch_mm},
                         repeats=repeats, warmup=2)
+
+
+def torch_eager_and_compiled(build: Callable[[], Any], make: Callable[[Any, Any], Callable[[], Any]],
+                             *, compile_: bool) -> tuple[dict[str, Callable[[], Any]], list[str]]:
+  """The PyTorch reference's steps `{'eager': fn, 'compile': fn}` and notes on compilation.
+
+  `build()` makes a fresh module; `make(model, module)` a blocking step of `model` (the module,
+  or its `torch.compile` wrapper) whose optimizer holds `module`'s parameters. The compiled step
+  runs twice here, so its compilation stays out of the timings (and is reported); where
+  `torch.compile` fails on this machine, the note says why and only eager is timed.
+  """
+  import torch  # Deferred: torch is the optional `bench` extra.
+  eager = build()
+  steps = {"eager": make(eager, eager)}
+  notes = []
+  if compile_:
+    try:
+      module = build()
+      step = make(torch.compile(module), module)
+      t0 = time.perf_counter()
+      step()
+      step()
+      notes.append(f"torch.compile: first two steps (compilation) took "
+                   f"{time.perf_counter() - t0:.0f} s")
+      steps["compile"] = step
+    except Exception as e:  # Reported in the results: compile support varies by machine.
+      notes.append(f"torch.compile failed here: {type(e).__name__}: {str(e)[:200]}")
+  return steps, notes

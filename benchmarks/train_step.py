@@ -110,8 +110,8 @@ def torch_steps(config, batch_np: dict[str, np.ndarray], device: str, *, compile
   v2 = torch.tensor(batch_np["view2"].transpose(0, 3, 1, 2).copy(), device=device)
   lr = config.optimizer.base_lr * config.batch_size / 256
 
-  def make(model):
-    params = list(model.parameters())
+  def make(model, module):
+    params = list(module.parameters())
     opt = torch.optim.AdamW(
         [{"params": [p for p in params if p.ndim > 1],
           "weight_decay": config.optimizer.weight_decay},
@@ -126,21 +126,8 @@ def torch_steps(config, batch_np: dict[str, np.ndarray], device: str, *, compile
       return loss.item()
     return step
 
-  steps = {"eager": make(torch_model(config).to(device).train())}
-  notes = []
-  if compile_:
-    try:
-      compiled = torch.compile(torch_model(config).to(device).train())
-      step = make(compiled)
-      t0 = time.perf_counter()
-      step()
-      step()
-      notes.append(f"torch.compile: first two steps (compilation) took "
-                   f"{time.perf_counter() - t0:.0f} s")
-      steps["compile"] = step
-    except Exception as e:  # Reported in the results: compile support varies by machine.
-      notes.append(f"torch.compile failed here: {type(e).__name__}: {str(e)[:200]}")
-  return steps, notes
+  return common.torch_eager_and_compiled(lambda: torch_model(config).to(device).train(), make,
+                                         compile_=compile_)
 
 
 def run(quick: bool, *, compile_: bool = True) -> list[dict[str, Any]]:

@@ -228,22 +228,7 @@ def torch_steps(size: dict[str, Any], images: np.ndarray, labels: np.ndarray,
       return loss.item()
     return step
 
-  eager = build()
-  steps = {"eager": make(eager, eager)}
-  notes = []
-  if compile_:
-    try:
-      module = build()
-      step = make(torch.compile(module), module)
-      t0 = time.perf_counter()
-      step()
-      step()
-      notes.append(f"torch.compile: first two steps (compilation) took "
-                   f"{time.perf_counter() - t0:.0f} s")
-      steps["compile"] = step
-    except Exception as e:  # Reported in the results: compile support varies by machine.
-      notes.append(f"torch.compile failed here: {type(e).__name__}: {str(e)[:200]}")
-  return steps, notes
+  return common.torch_eager_and_compiled(build, make, compile_=compile_)
 
 
 def run(quick: bool, *, compile_: bool = True) -> list[dict[str, Any]]:

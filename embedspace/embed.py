@@ -22,6 +22,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from embedspace.core import cli
 from embedspace.core.cli import fail
 from embedspace.space import store  # numpy only: --help stays fast
 
@@ -203,12 +204,7 @@ def _define_flags() -> None:
 
 def run() -> None:
   """The console script `embedspace-embed` (the same as `python -m embedspace.embed`)."""
-  from absl import app
-
-  from embedspace.core.cli import parse_flags, usage_from
-  _define_flags()
-  usage_from(__doc__, __name__)
-  app.run(main, flags_parser=parse_flags)
+  cli.run_app(main, _define_flags, __doc__, __name__)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import sys
 
 from absl import flags
 
+from embedspace.core import cli
 from embedspace.core.cli import fail
 
 NONFINITE_EXIT_CODE = 3
@@ -106,12 +107,7 @@ def _define_flags() -> None:
 
 def run() -> None:
   """The console script `embedspace-evaluate` (the same as `python -m embedspace.evaluate`)."""
-  from absl import app
-
-  from embedspace.core.cli import parse_flags, usage_from
-  _define_flags()
-  usage_from(__doc__, __name__)
-  app.run(main, flags_parser=parse_flags)
+  cli.run_app(main, _define_flags, __doc__, __name__)
 
 
 if __name__ == "__main__":

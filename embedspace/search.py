@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from embedspace.core import cli
 from embedspace.core.cli import fail
 from embedspace.space import store  # numpy only: --help stays fast
 from embedspace.space.measures import EXTRA_MEASURES, MEASURES  # no JAX: --help stays fast
@@ -105,12 +106,7 @@ def _define_flags() -> None:
 
 def run() -> None:
   """The console script `embedspace-search` (the same as `python -m embedspace.search`)."""
-  from absl import app
-
-  from embedspace.core.cli import parse_flags, usage_from
-  _define_flags()
-  usage_from(__doc__, __name__)
-  app.run(main, flags_parser=parse_flags)
+  cli.run_app(main, _define_flags, __doc__, __name__)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 
 import jax.numpy as jnp
 import pytest
@@ -187,3 +188,34 @@ def test_console_scripts_are_the_commands_with_their_help():
     first = __import__("importlib").import_module(module).__doc__.splitlines()[0]
     assert r.stdout.startswith(first) and "flags:" in r.stdout, (script, r.stdout[:500])
     assert "  --workdir" in r.stdout or "  --embeddings" in r.stdout, r.stdout[-1000:]
+
+
+class _QueuedStep:
+  """A step's output still computing on the device: `block_until_ready` takes `seconds`."""
+
+  def __init__(self, seconds: float):
+    self.seconds = seconds
+
+  def is_ready(self) -> bool:
+    return False
+
+  def block_until_ready(self):
+    time.sleep(self.seconds)
+    return self
+
+
+def test_the_rate_keeps_the_time_of_steps_a_monitor_waits_for():
+  # Four steps are queued when a monitor (paused time) first waits for them (`sync`): their
+  # 0.4 s are training time. Before the fix, the wait fell inside the pause and the rate after
+  # every kNN monitor read 2.5x the real one (2,800 against 1,100 images/s).
+  progress = console.TrainProgress(0, 10, items_per_step=100)
+  progress.dispatched(1, {"loss": jnp.zeros(())})  # the first step: compiled and waited for
+  assert progress.rate(1) is None
+  for done in range(2, 6):
+    progress.dispatched(done, {"loss": _QueuedStep(0.1 if done < 5 else 0.4)})
+  with progress.paused():
+    progress.sync()  # waits 0.4 s for the queued steps
+    time.sleep(0.2)  # the monitor's own work
+  rate = progress.rate(5)
+  assert 100 * 4 / 3 < rate < 100 * 4 / 0.39, rate  # 4 steps in ~0.4 s, not in ~0 s
+  progress.close()

@@ -62,3 +62,14 @@ def usage_from(doc: str | None, module: str) -> None:
   if module != "__main__":
     for flag in flags.FLAGS.flags_by_module_dict().get(module, []):
       flags.FLAGS.register_flag_by_module(sys.argv[0], flag)
+
+
+def run_app(main: Callable[[list[str]], object], define_flags: Callable[[], None],
+            doc: str | None, module: str) -> None:
+  """A command's console script and `python -m` form: defines its flags (`define_flags`),
+  takes `--help` from `doc`, parses with `parse_flags` and runs `main` under absl."""
+  from absl import app  # absl's runner: only where a command starts.
+
+  define_flags()
+  usage_from(doc, module)
+  app.run(main, flags_parser=parse_flags)

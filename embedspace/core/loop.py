@@ -136,7 +136,8 @@ def run_loop(config: ml_collections.ConfigDict, state: Any, *, step_fn: Callable
     batches: host batches of this process's rows (`parallel.shard_batch` places them).
     shown: metric names shown beside the loss on the progress bar and in the metric lines.
     after_step: `f(step, state, progress)` after each step (e.g. a kNN monitor, which prints
-      with `progress.write`, a `console.TrainProgress`); its time is not counted in the rate.
+      with `progress.write`, a `console.TrainProgress`); its time is not counted in the rate
+      (before waiting for the device it calls `progress.sync()`).
   """
   schedule = optim.learning_rate_schedule(config)
   progress = console.TrainProgress(start, config.num_steps, items_per_step=items_per_step)
@@ -171,6 +172,7 @@ def run_loop(config: ml_collections.ConfigDict, state: Any, *, step_fn: Callable
         if after_step is not None:
           after_step(done, state, progress)
         if done % config.checkpoint_every == 0 and done != config.num_steps:
+          progress.sync()  # The queued steps are training time.
           check_finite(to_host(metrics), done, config, ckpt)
           ckpt.save(done, state, data_state)
   if config.num_steps > start:

@@ -133,6 +133,7 @@ def _train_locked(task: Task, config: ml_collections.ConfigDict, workdir: str,
   def monitor(done: int, state: step_lib.TrainState, progress: Any) -> None:
     every = config.get("eval_every", 0)
     if setup.monitor is not None and every and (done % every == 0 or done == config.num_steps):
+      progress.sync()  # The steps queued before the monitor are training time.
       scalars, message = setup.monitor(done, state)
       writer.write_scalars(done, scalars)
       progress.write(f"step {done}/{config.num_steps}: {message}")

@@ -170,20 +170,26 @@ def plot_maps(maps: Mapping[str, np.ndarray], labels: np.ndarray, class_names: S
 
 
 def plot_curve(curve: Mapping[str, Sequence[float]], baselines: Mapping[str, float],
-               path: str) -> str:
-  """Accuracy against training steps (`curve`: "step" and one list per score), with each
-  baseline's score as a dashed line. Returns `path`."""
+               path: str, *, finals: Mapping[str, float] | None = None,
+               curve_label: str = "") -> str:
+  """Accuracy against training steps (`curve`: "step" and one list per score, each labelled with
+  `curve_label`), each baseline's score as a dashed line and each of `finals` (the same score
+  of the last step measured as the baselines are, e.g. on the whole splits) as a star at the
+  last step, in its curve's colour. Returns `path`."""
   plt = pyplot()
   fig, ax = plt.subplots(figsize=(5.5, 3.4))
   steps = np.asarray(curve["step"])
-  for name, values in curve.items():
-    if name != "step":
-      ax.plot(steps, np.asarray(values) * 100, marker="o", ms=3, label=name.replace("_", " "))
+  for i, (name, values) in enumerate((n, v) for n, v in curve.items() if n != "step"):
+    ax.plot(steps, np.asarray(values) * 100, marker="o", ms=3, color=f"C{i}",
+            label=f"{name.replace('_', ' ')}{curve_label}")
+    if finals and name in finals:
+      ax.plot([steps[-1]], [finals[name] * 100], marker="*", ms=9, ls="none", color=f"C{i}",
+              label=f"{name.replace('_', ' ')} at the end")
   for i, (name, value) in enumerate(baselines.items()):
     ax.axhline(value * 100, ls="--", lw=1, color=f"C{i + 3}", label=name.replace("_", " "))
   ax.set_xlabel("training step")
   ax.set_ylabel("accuracy (%)")
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, loc="lower right")
+  ax.legend(fontsize=7, loc="best")
   fig.tight_layout()
   return save(fig, path, dpi=130)

@@ -300,8 +300,9 @@ def write_markdown(report: Mapping[str, Any], images: Mapping[str, str], path: s
   out += [f"## kNN (cosine, weighted, k={report.get('knn_k')}) and linear probe", "",
           _table(["space", "kNN accuracy", "linear probe accuracy"], rows), ""]
   if "measures" in report:
+    sizes = report.get("measures_examples", {})
     out += [f"## Every measure: kNN accuracy (majority vote, k={report.get('knn_k')}) and "
-            "retrieval (eval queries, "
+            f"retrieval ({sizes.get('eval', 'all')} eval queries, {sizes.get('train', 'all')}-row "
             "train database, same class = relevant)", "", measures_markdown(report["measures"]),
             ""]
   if "ood" in report:

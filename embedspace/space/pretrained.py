@@ -69,7 +69,8 @@ def export(workdir: str, dest: str, *, description: str, command: str) -> dict[s
   """Writes the newest intact checkpoint of `workdir` to `dest` as a pretrained space.
 
   Only `{"params", "batch_stats"}` are kept, with a fresh integrity record; `results` in
-  `pretrained.json` are the run's `eval.json` scores of the trained encoder and the baselines.
+  `pretrained.json` are the scores of the trained space and the baselines from the run's
+  `eval.json` or, when newer, `eval/report.json` of `python -m embedspace.evaluate`.
 
   Returns:
     The `pretrained.json` record.
@@ -82,9 +83,11 @@ def export(workdir: str, dest: str, *, description: str, command: str) -> dict[s
     raise FileExistsError(f"{dest} exists; remove it first")
   config, variables, step = workdirs.restore_newest(workdir)
   results = {}
-  eval_path = os.path.join(workdir, "eval.json")
-  if os.path.isfile(eval_path):
-    with open(eval_path, encoding="utf-8") as f:
+  # The run's own report, or that of `python -m embedspace.evaluate` on it (the newer one).
+  reports = [p for p in (os.path.join(workdir, "eval.json"),
+                         os.path.join(workdir, "eval", "report.json")) if os.path.isfile(p)]
+  if reports:
+    with open(max(reports, key=os.path.getmtime), encoding="utf-8") as f:
       report = json.load(f)
     results = {k: report[k] for k in ("trained", "random_init", "raw_pixels", "num_train",
                                       "num_eval", "zero_shot", "retrieval") if k in report}

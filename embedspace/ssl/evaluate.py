@@ -290,13 +290,19 @@ def _evaluate_run(config: Any, model: Any, variables: Any, mesh: Mesh, *,
   if pixels is not None:
     spaces["raw_pixels"] = (pixels[0]["features"], pixels[1]["features"])
 
-  # Every measure: kNN and retrieval.
+  # Every measure: kNN and retrieval, on the first `eval.measures_examples` train (database) and
+  # test (queries) rows: ranking every key for every query under 11 measures costs
+  # O(queries x keys x (dim + log keys)) each, and on the whole 60k / 10k splits with the 1024-d
+  # projector the table alone took over 8 minutes of a 13-minute run (2-core AMD EPYC).
   phase("measures")
+  n = config.eval.get("measures_examples", 0) or None
   result["measures"] = {
-      space: retrieval.measure_table(tr, train["labels"], te, test["labels"],
+      space: retrieval.measure_table(tr[:n], train["labels"][:n], te[:n], test["labels"][:n],
                                      num_classes=num_classes, k=config.eval.knn_k,
                                      code_lengths=code_lengths, seed=config.seed)
       for space, (tr, te) in spaces.items()}
+  result["measures_examples"] = {"train": int(len(train["labels"][:n])),
+                                 "eval": int(len(test["labels"][:n]))}
 
   # Out-of-distribution detection.
   ood_scores = {}
@@ -350,7 +356,8 @@ def _evaluate_run(config: Any, model: Any, variables: Any, mesh: Mesh, *,
     phase("plots")
     _write_report(result, out_dir, test=test, spaces=spaces, ood_scores=ood_scores,
                   geometry_arrays=geometry_arrays, class_names=info.class_names, tsne=tsne,
-                  seed=config.seed, command=command)
+                  seed=config.seed, command=command,
+                  monitor_examples=int(config.eval.get("monitor_examples", 0)))
     result["seconds"] = time.perf_counter() - started
   return result
 
@@ -359,8 +366,9 @@ def _write_report(result: dict[str, Any], out_dir: str, *, test: dict[str, np.nd
                   spaces: dict[str, tuple[np.ndarray, np.ndarray]],
                   ood_scores: dict[str, Any], geometry_arrays: dict[str, Any],
                   class_names: tuple[str, ...], tsne: bool, seed: int,
-                  command: str) -> None:
-  """PNGs, `report.json` and `report.md` in `out_dir`."""
+                  command: str, monitor_examples: int) -> None:
+  """PNGs, `report.json` and `report.md` in `out_dir` (`monitor_examples`: the learning
+  curve's subset sizes, for its labels)."""
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   path = lambda name: os.fspath(epath.Path(out_dir) / name)  # noqa: E731
   images = {}
@@ -400,8 +408,11 @@ def _write_report(result: dict[str, Any], out_dir: str, *, test: dict[str, np.nd
     raw = result.get("raw_pixels", {})
     baselines = {f"raw pixels {s.removesuffix('_accuracy')}": raw[s]
                  for s in ("knn_accuracy", "linear_probe_accuracy") if s in raw}
-    images["Learning curve: kNN and linear probe against steps (monitor subset)"] = (
-        plots.plot_curve(curve, baselines, path("curve.png")))
+    limit = monitor_examples
+    images["Learning curve: kNN and linear probe against steps (monitor subset); stars and "
+           "baselines on the evaluation's splits"] = plots.plot_curve(
+               curve, baselines, path("curve.png"), finals=result["trained"]["encoder"],
+               curve_label=f" ({limit:,} / {limit:,} images)" if limit else "")
   epath.Path(path("report.json")).write_text(json.dumps(result, indent=1), encoding="utf-8")
   report_lib.write_markdown(result, images, path("report.md"), command=command,
                             class_names=class_names)
