@@ -371,3 +371,11 @@ def torch_eager_and_compiled(build: Callable[[], Any], make: Callable[[Any, Any]
     except Exception as e:  # Reported in the results: compile support varies by machine.
       notes.append(f"torch.compile failed here: {type(e).__name__}: {str(e)[:200]}")
   return steps, notes
+
+
+def print_rows(rows: Sequence[dict[str, Any]]) -> None:
+  """A benchmark's result rows as a markdown table, then its notes, one per line."""
+  print(markdown_table([r for r in rows if not r.get("summary")]))
+  for r in rows:
+    if r.get("note"):
+      print("-", r["note"])

@@ -193,11 +193,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--quick", action="store_true", help="the smoke config, < 1 minute")
   parser.add_argument("--no_compile", action="store_true", help="skip torch.compile")
   args = parser.parse_args(argv)
-  rows = run(args.quick, compile_=not args.no_compile)
-  print(common.markdown_table([r for r in rows if not r.get("summary")]))
-  for r in rows:
-    if r.get("note"):
-      print("-", r["note"])
+  common.print_rows(run(args.quick, compile_=not args.no_compile))
 
 
 if __name__ == "__main__":

@@ -338,11 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     for kind, ms in list(totals.items())[:20]:
       print(f"{ms:9.2f} ms/step {100 * ms / whole:5.1f}%  {kind}")
     return
-  rows = run(args.quick, compile_=not args.no_compile)
-  print(common.markdown_table([r for r in rows if not r.get("summary")]))
-  for r in rows:
-    if r.get("note"):
-      print("-", r["note"])
+  common.print_rows(run(args.quick, compile_=not args.no_compile))
 
 
 if __name__ == "__main__":

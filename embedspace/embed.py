@@ -26,6 +26,8 @@ from embedspace.core import cli
 from embedspace.core.cli import fail
 from embedspace.space import store  # numpy only: --help stays fast
 
+PRETRAINED_PREFIX = "pretrained:"  # `space.pretrained.PREFIX` (that module imports orbax)
+
 if TYPE_CHECKING:
   from embedspace.space import inputs
 
@@ -94,10 +96,15 @@ def embed_items(model: Any, items: inputs.Items, path: str, *, output: str = "en
 
 
 def default_out(workdir: str, data: str, output: str) -> str:
-  """`WORKDIR/embeddings/<data>_<output>.npz`, the data spec made a file name."""
+  """`WORKDIR/embeddings/<data>_<output>.npz`, the data spec made a file name; for a space
+  shipped in the package (`pretrained:NAME`), `./embeddings/NAME_<data>_<output>.npz` (never
+  inside the installed package)."""
   stem = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(os.path.normpath(data)))
   stem = stem.removesuffix(".npy").strip("_") or "data"
-  return os.path.join(workdir, "embeddings", f"{stem}_{output}.npz")
+  if workdir.startswith(PRETRAINED_PREFIX):
+    name = workdir[len(PRETRAINED_PREFIX):]
+    return os.path.abspath(os.path.join("embeddings", f"{name}_{stem}_{output}.npz"))
+  return os.path.join(os.path.abspath(workdir), "embeddings", f"{stem}_{output}.npz")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +133,7 @@ def main(argv: list[str]) -> None:
          "DeCUR); its model embeds images only")
   if f.output not in inference.OUTPUTS:
     fail(f"--output={f.output}: valid outputs are {', '.join(inference.OUTPUTS)}")
-  out = checked_out(f, default_out(os.path.abspath(f.workdir), f.data, f.output))
+  out = checked_out(f, default_out(f.workdir, f.data, f.output))
   try:
     model = methods.load(f.workdir, batch_size=f.batch_size)
     items = inputs.open_items(f.data, channels=model.channels, data_dir=f.data_dir,
@@ -161,7 +168,7 @@ def _embed_multimodal(f: Any) -> None:
 
   if f.modality is None:
     fail(f"--modality: {f.workdir} is a multimodal run; pass --modality=image, audio or text")
-  out = checked_out(f, default_out(os.path.abspath(f.workdir), f"{f.data}_{f.modality}",
+  out = checked_out(f, default_out(f.workdir, f"{f.data}_{f.modality}",
                                    "joint"))
   try:
     space = space_lib.load(f.workdir, batch_size=f.batch_size)

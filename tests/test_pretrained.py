@@ -84,3 +84,15 @@ def test_the_default_spaces_ship():
   """The README's pretrained spaces are in the package (a missing one would skip the test above
   silently)."""
   assert {"vicreg-fashion-mnist", "imagebind-mnist-fsdd"} <= set(pretrained.list_pretrained())
+
+
+def test_embeddings_of_a_shipped_space_go_to_the_working_directory(tmp_path, monkeypatch):
+  # Never into the installed package, nor into a folder named "pretrained:...".
+  from embedspace import embed
+  monkeypatch.chdir(tmp_path)
+  assert embed.PRETRAINED_PREFIX == pretrained.PREFIX
+  assert embed.default_out("pretrained:vicreg-fashion-mnist", "embedded_fashion_mnist:test",
+                           "encoder") == str(
+      tmp_path / "embeddings" / "vicreg-fashion-mnist_embedded_fashion_mnist_test_encoder.npz")
+  assert embed.default_out("runs/a", "x.npy", "encoder") == str(
+      tmp_path / "runs" / "a" / "embeddings" / "x_encoder.npz")
