@@ -40,12 +40,22 @@ def main(argv: list[str]) -> None:
   from embedspace.core import lock, workdirs
   from embedspace.core.config_checks import ConfigError
   from embedspace.space import image as image_space
+  from embedspace.space import pretrained
 
   f = flags.FLAGS
-  code_lengths = _checked_flags(f)
+  workdir, out_dir = f.workdir, f.out_dir
+  if workdir.startswith(pretrained.PREFIX):  # A shipped space: its report never goes into the
+    name = workdir[len(pretrained.PREFIX):]   # installed package, but to ./eval/NAME.
+    out_dir = out_dir or os.path.abspath(os.path.join("eval", name))
+    try:
+      workdir = pretrained.resolve(workdir)
+    except FileNotFoundError as e:
+      fail(str(e))
+  out_dir = os.path.abspath(out_dir or os.path.join(workdir, "eval"))
+  code_lengths = _checked_flags(f, out_dir)
   try:
-    task = methods.task(methods.method_of(f.workdir))
-    config = workdirs.read_config(f.workdir)
+    task = methods.task(methods.method_of(workdir))
+    config = workdirs.read_config(workdir)
     if f.ood_dataset:  # Before the evaluation's minutes of work, not after them.
       try:
         data.get_source(f.ood_dataset, split="test", data_dir=config.get("data", {}).get(
@@ -60,19 +70,18 @@ def main(argv: list[str]) -> None:
           if f[key].present or key not in config.eval:
             value = f[key].value
             config.eval[key] = code_lengths if key == "code_lengths" else value
-    report = core_train.evaluate_workdir(task, f.workdir, config=config, out_dir=f.out_dir)
+    report = core_train.evaluate_workdir(task, workdir, config=config, out_dir=out_dir)
   except (*image_space.LOAD_ERRORS, ConfigError, lock.LockError) as e:
     fail(str(e))
   except geometry.NonFiniteError as e:
     fail(str(e), NONFINITE_EXIT_CODE)
-  out_dir = f.out_dir or os.path.join(f.workdir, "eval")
   summary = {k: report[k] for k in SUMMARY_KEYS if k in report}
   print(f"evaluation of {f.workdir} (report in {out_dir}): {json.dumps(summary)}", flush=True)
 
 
-def _checked_flags(f: flags.FlagValues) -> tuple[int, ...]:
+def _checked_flags(f: flags.FlagValues, out_dir: str) -> tuple[int, ...]:
   """Fails (one line, exit 2) on a flag value the evaluation would trip over after minutes of
-  work; returns the code lengths as ints."""
+  work (`out_dir`: where the report goes); returns the code lengths as ints."""
   try:
     code_lengths = tuple(int(b) for b in f.code_lengths)
   except ValueError:
@@ -82,7 +91,6 @@ def _checked_flags(f: flags.FlagValues) -> tuple[int, ...]:
          "Hamming codes), e.g. --code_lengths=16,64,256")
   if f.max_pair_points < 2:
     fail(f"--max_pair_points={f.max_pair_points}: must be >= 2 (the pair statistics need pairs)")
-  out_dir = os.path.abspath(f.out_dir or os.path.join(f.workdir, "eval"))
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     fail(f"--out_dir={out_dir} is a file; pass a directory (it is created if missing)")
   parent = out_dir

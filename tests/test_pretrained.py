@@ -96,3 +96,12 @@ def test_embeddings_of_a_shipped_space_go_to_the_working_directory(tmp_path, mon
       tmp_path / "embeddings" / "vicreg-fashion-mnist_embedded_fashion_mnist_test_encoder.npz")
   assert embed.default_out("runs/a", "x.npy", "encoder") == str(
       tmp_path / "runs" / "a" / "embeddings" / "x_encoder.npz")
+
+
+def test_the_shipped_imagebind_space_loads_by_name_for_the_commands():
+  # `embed --modality=...` and `search --query_text` load multimodal spaces through
+  # `multimodal.space.load`, not `embedspace.load`.
+  from embedspace.multimodal import space as space_lib
+  space = space_lib.load("pretrained:imagebind-mnist-fsdd")
+  assert space.step == 600 and set(space.model.modalities) == {"image", "audio", "text"}
+  assert space.workdir == pretrained.resolve("pretrained:imagebind-mnist-fsdd")

@@ -49,6 +49,7 @@ from embedspace.multimodal import data as mm_data
 from embedspace.multimodal import evaluate as mm_evaluate
 from embedspace.multimodal import text as text_lib
 from embedspace.space import inputs
+from embedspace.space import pretrained
 from embedspace.space import store
 
 SPLITS = ("train", "eval")
@@ -132,7 +133,8 @@ class MultimodalSpace:
 
 def load_workdir(workdir: str) -> tuple[ml_collections.ConfigDict, models.MultimodalModel,
                                         dict[str, Any], int]:
-  """`(config, model, variables, step)` of a multimodal run's newest intact checkpoint.
+  """`(config, model, variables, step)` of a multimodal run's newest intact checkpoint (`workdir`
+  may be "pretrained:NAME", a space shipped in the package).
 
   The model is built without the batch-norm axis (for use on one device or under plain `jit`);
   `model.apply(variables, modality, x, train=False, method="embed")` gives `(features,
@@ -142,6 +144,7 @@ def load_workdir(workdir: str) -> tuple[ml_collections.ConfigDict, models.Multim
     FileNotFoundError, checkpointing.NoIntactCheckpointError: see `workdirs.restore_newest`.
     workdirs.IncompatibleWorkdirError: the run is not multimodal or does not fit this version.
   """
+  workdir = pretrained.resolve(workdir)  # "pretrained:NAME": a space shipped in the package
   config, variables, step = workdirs.restore_run(
       workdir, lambda c: "pairs" in c, kind="multimodal", config_file="configs/imagebind.py")
   model = models.build_model(config, bn_axis_name=None)
@@ -162,7 +165,7 @@ def load(workdir: str, *, batch_size: int = 256) -> MultimodalSpace:
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
   config, model, variables, step = load_workdir(workdir)
-  return MultimodalSpace(workdir=os.path.abspath(workdir), step=int(step), config=config,
+  return MultimodalSpace(workdir=os.path.abspath(pretrained.resolve(workdir)), step=int(step), config=config,
                          model=model, variables=variables, batch_size=batch_size)
 
 
