@@ -345,6 +345,23 @@ def matmul_peak(n: int, repeats: int, device: str) -> dict[str, dict[str, Any]]:
                         repeats=repeats, warmup=2)
 
 
+def matmul_peak_rows(benchmark: str, n: int, mm_stats: dict[str, dict[str, Any]]
+                     ) -> list[dict[str, Any]]:
+  """The rows of `matmul_peak`'s two float32 `[n, n] @ [n, n]` products (torch the reference)."""
+  case = f"float32 matmul {n}x{n} @ {n}x{n} (the peak)"
+  flops = {k: 2 * n ** 3 / mm_stats[k]["median_s"] for k in ("torch", "jax")}
+  return [row(benchmark, case, "torch", mm_stats["torch"], gflops_per_s=flops["torch"] / 1e9,
+              check=f"{flops['torch'] / 1e9:.0f} GFLOP/s"),
+          row(benchmark, case, "jax", mm_stats["jax"], reference=mm_stats["torch"],
+              gflops_per_s=flops["jax"] / 1e9, check=f"{flops['jax'] / 1e9:.0f} GFLOP/s")]
+
+
+def note_rows(benchmark: str, notes: Sequence[str]) -> list[dict[str, Any]]:
+  """Each note as a summary row (printed below the table, kept in results.json)."""
+  return [{"benchmark": benchmark, "case": "note", "impl": "", "summary": True, "note": note}
+          for note in notes]
+
+
 def torch_eager_and_compiled(build: Callable[[], Any], make: Callable[[Any, Any], Callable[[], Any]],
                              *, compile_: bool) -> tuple[dict[str, Callable[[], Any]], list[str]]:
   """The PyTorch reference's steps `{'eager': fn, 'compile': fn}` and notes on compilation.

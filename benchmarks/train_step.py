@@ -167,16 +167,8 @@ def run(quick: bool, *, compile_: bool = True) -> list[dict[str, Any]]:
       step_gbytes=bytes_accessed / 1e9, compile_s=compile_s,
       check=f"{flops / 1e9:.1f} GFLOP/step (XLA), {achieved / 1e9:.0f} GFLOP/s = "
             f"{100 * achieved / peak:.0f}% of matmul peak"))
-  mm_case = f"float32 matmul {n}x{n} @ {n}x{n} (the peak)"
-  torch_peak = 2 * n ** 3 / mm_stats["torch"]["median_s"]
-  rows.append(common.row("train_step", mm_case, "torch", mm_stats["torch"],
-                         gflops_per_s=torch_peak / 1e9, check=f"{torch_peak / 1e9:.0f} GFLOP/s"))
-  rows.append(common.row("train_step", mm_case, "jax", mm_stats["jax"],
-                         reference=mm_stats["torch"], gflops_per_s=peak / 1e9,
-                         check=f"{peak / 1e9:.0f} GFLOP/s"))
-  for note in notes:
-    rows.append({"benchmark": "train_step", "case": "note", "impl": "", "summary": True,
-                 "note": note})
+  rows += common.matmul_peak_rows("train_step", n, mm_stats)
+  rows += common.note_rows("train_step", notes)
   rows.append({"benchmark": "train_step", "case": "summary", "impl": "", "summary": True,
                "note": f"JAX step: {flops / 1e9:.1f} GFLOP per step by XLA's cost analysis, "
                        f"{achieved / 1e9:.0f} GFLOP/s, {100 * achieved / peak:.0f}% of the "

@@ -270,15 +270,8 @@ def run(quick: bool, *, compile_: bool = True) -> list[dict[str, Any]]:
       check=f"{flops / 1e9:.1f} GFLOP/step (XLA), {achieved / 1e9:.0f} GFLOP/s = "
             f"{100 * achieved / peak:.0f}% of matmul peak; first-step loss jax {j_first:.4f} "
             f"torch {t_first:.4f}"))
-  mm_case = f"float32 matmul {n}x{n} @ {n}x{n} (the peak)"
-  rows.append(common.row("vit_step", mm_case, "torch", mm_stats["torch"],
-                         gflops_per_s=torch_peak / 1e9, check=f"{torch_peak / 1e9:.0f} GFLOP/s"))
-  rows.append(common.row("vit_step", mm_case, "jax", mm_stats["jax"],
-                         reference=mm_stats["torch"], gflops_per_s=peak / 1e9,
-                         check=f"{peak / 1e9:.0f} GFLOP/s"))
-  for note in notes:
-    rows.append({"benchmark": "vit_step", "case": "note", "impl": "", "summary": True,
-                 "note": note})
+  rows += common.matmul_peak_rows("vit_step", n, mm_stats)
+  rows += common.note_rows("vit_step", notes)
   ratios = ", ".join(f"{k} {stats[k]['median_s'] / stats['jax']['median_s']:.2f}x"
                      for k in stats if k != "jax")
   rows.append({"benchmark": "vit_step", "case": "summary", "impl": "", "summary": True,
