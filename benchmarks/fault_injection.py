@@ -57,6 +57,9 @@ def kill_points(count: int, seed: int) -> list[dict[str, Any]]:
 
 
 def env(cache_dir: str) -> dict[str, str]:
+  """The environment of a smoke run in a subprocess: this checkout on the path, 2 CPU devices,
+  XLA's quick compile, and compiled programs shared through `cache_dir` (later starts skip most
+  of the compile time)."""
   return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
               XLA_FLAGS=("--xla_force_host_platform_device_count=2"
                         " --xla_backend_optimization_level=0"),

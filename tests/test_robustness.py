@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from benchmarks import fault_injection
 from configs import vicreg
 from embedspace import data as data_lib
 from embedspace.core import checkpointing
@@ -45,14 +46,6 @@ RUN = ("--config=configs/vicreg.py:smoke", f"--config.num_steps={NUM_STEPS}",
 TMP = ".orbax-checkpoint-tmp"
 
 
-def _env(cache_dir: str) -> dict[str, str]:
-  return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=("--xla_force_host_platform_device_count=2"
-                        " --xla_backend_optimization_level=0"),
-              # Shared compiled programs: later starts skip most of the compile time.
-              JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-
-
 class Run:
   """One `python -m embedspace.main` process; its output goes to files next to the workdir."""
 
@@ -64,7 +57,7 @@ class Run:
     with open(self.log + ".out", "w") as out, open(self.log + ".err", "w") as err:
       self.proc = subprocess.Popen(
           [sys.executable, "-m", "embedspace.main", *flags, f"--workdir={self.workdir}"],
-          cwd=ROOT, env=_env(cache_dir), stdout=out, stderr=err)
+          cwd=ROOT, env=fault_injection.env(cache_dir), stdout=out, stderr=err)
 
   def logged_step(self) -> int:
     """The newest training step this process wrote to metrics.jsonl (0: none yet)."""
