@@ -213,6 +213,24 @@ def runs(tmp_path_factory, cache_dir):
   return one, two
 
 
+def _assert_states_close(state: dict, ref: dict, *, atol: float, opt_state_scale: float,
+                         label: str) -> None:
+  """Parameters and batch-norm statistics within rtol 1e-5 + `atol`; each optimizer-state leaf
+  within rtol 1e-4 + `opt_state_scale` x the leaf's largest value (at least 0.1). Prints the
+  worst absolute difference of each part after `label` first."""
+  worst = {part: max(float(np.max(np.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(state[part]), jax.tree.leaves(ref[part])))
+           for part in ("params", "batch_stats", "opt_state")}
+  print(f"{label} " + ", ".join(f"{k} {v:.2g}" for k, v in worst.items()) + " absolute")
+  for part in ("params", "batch_stats"):
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=atol,
+                                   err_msg=part), state[part], ref[part])
+  for a, b in zip(jax.tree.leaves(state["opt_state"]), jax.tree.leaves(ref["opt_state"])):
+    np.testing.assert_allclose(
+        a, b, rtol=1e-4, atol=opt_state_scale * max(float(np.max(np.abs(b))), 0.1),
+        err_msg="opt_state")
+
+
 def test_two_processes_match_one_process_with_all_devices(runs):
   one, two = runs
   for i in range(2):
@@ -224,17 +242,10 @@ def test_two_processes_match_one_process_with_all_devices(runs):
                              rtol=1e-5)
   assert len(set(loss1.values())) > 1  # The steps did change the model.
   state1, state2 = _state(one.workdir), _state(two.workdir)
-  worst = {part: max(float(np.max(np.abs(a - b))) for a, b in zip(
-      jax.tree.leaves(state2[part]), jax.tree.leaves(state1[part])))
-           for part in ("params", "batch_stats", "opt_state")}
-  print(f"2 x 4 vs 1 x 8 devices: loss {max(abs(loss2[s] / loss1[s] - 1) for s in loss1):.2g} "
-        "relative; state " + ", ".join(f"{k} {v:.2g}" for k, v in worst.items()) + " absolute")
-  for part in ("params", "batch_stats"):
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6,
-                                   err_msg=part), state2[part], state1[part])
-  for a, b in zip(jax.tree.leaves(state2["opt_state"]), jax.tree.leaves(state1["opt_state"])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(float(np.max(np.abs(b))), 0.1),
-                               err_msg="opt_state")
+  _assert_states_close(
+      state2, state1, atol=1e-6, opt_state_scale=1e-4,
+      label=f"2 x 4 vs 1 x 8 devices: loss "
+            f"{max(abs(loss2[s] / loss1[s] - 1) for s in loss1):.2g} relative; state")
   assert int(state2["step"]) == NUM_STEPS
 
   # Only process 0 writes metrics, TensorBoard events and the report.
@@ -348,26 +359,17 @@ def test_elastic_resume_of_two_processes_x_4_devices_on_one_process_x_4(runs, ca
   loss, want = _losses(workdir), _losses(tmp_path / "one_by_4")
   np.testing.assert_allclose([loss[7], loss[8]], [want[7], want[8]], rtol=1e-5)
   state, ref = _state(workdir), _state(tmp_path / "one_by_4")
-  worst = {part: max(float(np.max(np.abs(a - b))) for a, b in zip(
-      jax.tree.leaves(state[part]), jax.tree.leaves(ref[part])))
-           for part in ("params", "batch_stats", "opt_state")}
-  print("resumed on 1 x 4 vs uninterrupted 1 x 4: " + ", ".join(
-      f"{k} {v:.2g}" for k, v in worst.items()) + " absolute")
   # atol 1e-5 (a real error moves parameters by ~8e-4): a bias that feeds batch norm has a
   # gradient of pure rounding noise, which Adam scales to steps of ~learning rate, so such a
   # leaf (values ~1e-3 after 8 warm-up steps) differed by 2.3e-6 on the full train split.
-  for part in ("params", "batch_stats"):
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5,
-                                   err_msg=part), state[part], ref[part])
   # Adam's moments hold raw gradients, whose rounding noise (another all-reduce order on 8, 4
   # devices and gloo) follows the gradient's scale: measured 1.2e-5 on a leaf of scale ~1 on the
   # test split. On the train split one channel of the first residual block's bn2 (zero-init
   # scale, bias ~ -3.5e-4 after 8 warm-up steps) sits at the ReLU's kink for the pixels whose
   # shortcut is exactly 0: its 2e-6 difference flips those gates, and the first moment of its
   # bias differed by 8.7e-4 on a leaf of scale 0.95. Hence atol 2e-3 x the leaf's scale here; the
-  # losses and parameters above are the tight checks.
-  for a, b in zip(jax.tree.leaves(state["opt_state"]), jax.tree.leaves(ref["opt_state"])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-3 * max(float(np.max(np.abs(b))), 0.1),
-                               err_msg="opt_state")
+  # losses and parameters are the tight checks.
+  _assert_states_close(state, ref, atol=1e-5, opt_state_scale=2e-3,
+                       label="resumed on 1 x 4 vs uninterrupted 1 x 4:")
   np.testing.assert_array_equal(state["rng"], ref["rng"])
   assert int(state["step"]) == NUM_STEPS
