@@ -158,9 +158,13 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def race_config(method: str, *, steps: int, batch_size: int, seed: int, quick: bool) -> Any:
-  """The method's config (`:smoke` under `quick`) with the race's budget."""
+def race_config(method: str, *, steps: int, batch_size: int, seed: int, quick: bool,
+                kernel_init: str | None = None) -> Any:
+  """The method's config (`:smoke` under `quick`) with the race's budget (and, for an ablation,
+  another `model.kernel_init`)."""
   c = RECIPES[method].get_config("smoke" if quick else None)
+  if kernel_init is not None:
+    c.model.kernel_init = kernel_init
   c.num_steps = steps
   c.batch_size = batch_size
   c.seed = seed
@@ -625,14 +629,15 @@ def curve_steps(steps: int, points: int) -> list[int]:
 
 
 def race_seed(method: str, seed: int, *, steps: int, batch_size: int, points: int, quick: bool,
-              data: Data, sets: EvalSets, setup: ReferenceSetup, reference_first: bool
-              ) -> dict[str, dict[str, Any]]:
+              data: Data, sets: EvalSets, setup: ReferenceSetup, reference_first: bool,
+              kernel_init: str | None = None) -> dict[str, dict[str, Any]]:
   """Both runs of one seed, trained in alternating segments and scored at every curve point.
 
   Returns:
     impl -> {"setup_s", "segments": [timed], "curve": [{"step", "wall_s", "loss", score...}]}.
   """
-  config = race_config(method, steps=steps, batch_size=batch_size, seed=seed, quick=quick)
+  config = race_config(method, steps=steps, batch_size=batch_size, seed=seed, quick=quick,
+                       kernel_init=kernel_init)
   builders = {REFERENCE: lambda: ReferenceRun(config, RECIPES[method], data, setup),
               EMBEDSPACE: lambda: EmbedspaceRun(config)}
   order = [REFERENCE, EMBEDSPACE] if reference_first else [EMBEDSPACE, REFERENCE]
@@ -749,7 +754,7 @@ def summarize(method: str, results: dict[int, dict[str, dict[str, Any]]], *, ste
 def race(methods_: Sequence[str], *, seeds: Sequence[int], steps: int, batch_size: int,
          points: int, quick: bool, setup: ReferenceSetup | None = None,
          eval_train: int = 0, eval_test: int = 0, tune: bool = True,
-         profile: bool = True) -> list[dict[str, Any]]:
+         profile: bool = True, kernel_init: str | None = None) -> list[dict[str, Any]]:
   """The race of every method in `methods_`; returns the result rows (see `summarize`)."""
   common.torch_device()  # One torch thread per core.
   import torch
@@ -782,7 +787,7 @@ def race(methods_: Sequence[str], *, seeds: Sequence[int], steps: int, batch_siz
     for i, seed in enumerate(seeds):
       results[seed] = race_seed(method, seed, steps=steps, batch_size=batch_size, points=points,
                                 quick=quick, data=data, sets=sets, setup=setup,
-                                reference_first=i % 2 == 0)
+                                reference_first=i % 2 == 0, kernel_init=kernel_init)
     rows += summarize(method, results, steps=steps, batch_size=batch_size)
   return [{"benchmark": "race", "case": "notes", "impl": "", "summary": True, "note": n}
           for n in notes] + rows
@@ -816,6 +821,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--reference_init", default="torch", choices=("torch", "flax"),
                       help="the reference's weight initialisation (an ablation; see "
                            "ReferenceSetup)")
+  parser.add_argument("--embedspace_init", default=None,
+                      choices=("lecun_normal", "kaiming_uniform"),
+                      help="embedspace's config.model.kernel_init (default: the config's)")
   parser.add_argument("--no_profile", action="store_true",
                       help="skip the step / input-pipeline breakdown")
   parser.add_argument("--out", default=None, help="write the rows as JSON here")
@@ -839,7 +847,7 @@ def main(argv: list[str] | None = None) -> None:
   elif args.reference_init != "torch":
     parser.error("--reference_init needs an explicit --reference set-up (not 'tune')")
   rows = race(names, quick=args.quick, setup=setup, tune=setup is None,
-              profile=not args.no_profile, **budget)
+              profile=not args.no_profile, kernel_init=args.embedspace_init, **budget)
   if args.out:
     import json
     with open(args.out, "w", encoding="utf-8") as f:

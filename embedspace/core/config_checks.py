@@ -27,9 +27,9 @@ from etils import epath
 
 SAFE_TO_CHANGE = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every",
                   "eval", "skip_nonfinite", "data.worker_count", "data.data_dir",
-                  "data.tfds_data_dir", "encoders_workdir")
+                  "data.tfds_data_dir", "encoders_workdir", "model.kernel_init")
 """Keys (and subtrees) a resumed run may change: how long and how it is run and measured, not
-what it learns. Any other change to the config of a workdir with checkpoints is refused."""
+what it learns (the initialiser acts before the first step only, so a resumed run never uses it). Any other change to the config of a workdir with checkpoints is refused."""
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"

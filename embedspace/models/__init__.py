@@ -2,8 +2,8 @@
 
 from embedspace.models.dino_head import DINOHead
 from embedspace.models.heads import MLP, EmbeddingModel
-from embedspace.models.resnet import BasicBlock, ResNet, ResNet18, small
+from embedspace.models.resnet import KERNEL_INITS, BasicBlock, ResNet, ResNet18, small
 from embedspace.models.vit import ViT, ViTTiny
 
-__all__ = ["MLP", "BasicBlock", "DINOHead", "EmbeddingModel", "ResNet", "ResNet18",
+__all__ = ["KERNEL_INITS", "MLP", "BasicBlock", "DINOHead", "EmbeddingModel", "ResNet", "ResNet18",
            "ViT", "ViTTiny", "small"]

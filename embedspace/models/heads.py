@@ -31,10 +31,12 @@ class MLP(nn.Module):
       widths (VICReg's 8192-8192-8192 is `(8192, 8192, 8192)`).
     dtype: compute dtype; parameters are float32 and the output is float32.
     bn_axis_name: mesh axis over which batch-norm statistics are averaged (None: per device).
+    kernel_init: initialiser of every Linear's weights (see `resnet.KERNEL_INITS`).
   """
   dims: Sequence[int]
   dtype: Dtype = jnp.float32
   bn_axis_name: str | None = None
+  kernel_init: nn.initializers.Initializer = resnet.KERNEL_INITS["lecun_normal"]
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -50,14 +52,14 @@ class MLP(nn.Module):
     x = x.astype(self.dtype)
     for i, dim in enumerate(self.dims[:-1]):
       x = nn.Dense(dim, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                   name=f"dense{i + 1}")(x)
+                   kernel_init=self.kernel_init, name=f"dense{i + 1}")(x)
       x = nn.BatchNorm(
           use_running_average=not train, momentum=resnet.BN_MOMENTUM, epsilon=resnet.BN_EPSILON,
           dtype=self.dtype, param_dtype=jnp.float32, axis_name=self.bn_axis_name,
           name=f"bn{i + 1}")(x)
       x = nn.relu(x)
     x = nn.Dense(self.dims[-1], use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                 name=f"dense{len(self.dims)}")(x)
+                 kernel_init=self.kernel_init, name=f"dense{len(self.dims)}")(x)
     return x.astype(jnp.float32)
 
 
@@ -81,6 +83,8 @@ class EmbeddingModel(nn.Module):
     bn_axis_name: mesh axis for synchronised batch norm in encoder and projector alike.
     encoder: the encoder module (unbound), or None for the ResNet of `stage_sizes` and `width`.
     projector: the projector module (unbound), or None for the MLP of `projector_dims`.
+    kernel_init: weight initialiser of the ResNet and the MLP built here (not of a passed-in
+      encoder or projector); see `resnet.KERNEL_INITS`.
 
   Example:
     model = EmbeddingModel(stage_sizes=(1, 1, 1, 1), width=16, projector_dims=(512, 512))
@@ -97,6 +101,7 @@ class EmbeddingModel(nn.Module):
   bn_axis_name: str | None = None
   encoder: nn.Module | None = None
   projector: nn.Module | None = None
+  kernel_init: nn.initializers.Initializer = resnet.KERNEL_INITS["lecun_normal"]
 
   @property
   def feat_dim(self) -> int:
@@ -131,7 +136,8 @@ class EmbeddingModel(nn.Module):
     encoder = self.encoder
     if encoder is None:
       encoder = resnet.ResNet(stage_sizes=self.stage_sizes, width=self.width, dtype=self.dtype,
-                              bn_axis_name=self.bn_axis_name, name="encoder")
+                              bn_axis_name=self.bn_axis_name, kernel_init=self.kernel_init,
+                              name="encoder")
     features = encoder(images, train=train).astype(jnp.float32)
     if self.projector is not None:
       return features, self.projector(features, train=train).astype(jnp.float32)
@@ -139,5 +145,5 @@ class EmbeddingModel(nn.Module):
       return features, features
     embeddings = MLP(
         dims=self.projector_dims, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-        name="projector")(features, train=train)
+        kernel_init=self.kernel_init, name="projector")(features, train=train)
     return features, embeddings

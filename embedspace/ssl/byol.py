@@ -53,7 +53,8 @@ def build_predictor(config: ml_collections.ConfigDict, *,
                     bn_axis_name: str | None = parallel.AXIS) -> models.MLP:
   """The predictor MLP of `config.model.predictor_dims`."""
   return models.MLP(dims=tuple(config.model.predictor_dims),
-                    dtype=jnp.dtype(config.model.dtype), bn_axis_name=bn_axis_name)
+                    dtype=jnp.dtype(config.model.dtype), bn_axis_name=bn_axis_name,
+                    kernel_init=ssl_task.kernel_init(config))
 
 
 class ByolTask(ssl_task.ImageSslTask):

@@ -74,7 +74,14 @@ def build_model(config: ml_collections.ConfigDict, *, bn_axis_name: str | None =
   return models.EmbeddingModel(
       stage_sizes=tuple(mc.stage_sizes), width=mc.width,
       projector_dims=tuple(mc.get("projector_dims", ())), dtype=jnp.dtype(mc.dtype),
-      bn_axis_name=bn_axis_name, encoder=build_encoder(config), projector=projector)
+      bn_axis_name=bn_axis_name, encoder=build_encoder(config), projector=projector,
+      kernel_init=kernel_init(config))
+
+
+def kernel_init(config: ml_collections.ConfigDict) -> nn.initializers.Initializer:
+  """The initialiser `config.model.kernel_init` names (`models.KERNEL_INITS`; configs from before
+  the key existed trained with flax's "lecun_normal")."""
+  return models.KERNEL_INITS[config.model.get("kernel_init", "lecun_normal")]
 
 
 def embedding_health(z1: jax.Array, z2: jax.Array, *, axis_name: str | None
@@ -102,6 +109,8 @@ def validate_model(config: ml_collections.ConfigDict) -> None:
   """`config.model`: the encoder it names and the projector's sizes."""
   config_checks.require_one_of(config, "model.name", ENCODERS)
   config_checks.require_one_of(config, "model.dtype", ("float32", "bfloat16"))
+  if "kernel_init" in config.model:
+    config_checks.require_one_of(config, "model.kernel_init", tuple(models.KERNEL_INITS))
   config_checks.require_positive_ints(config, ("model.width",))
   validate_positive_int_tuple(config, "model.stage_sizes")
   if "projector_dims" in config.model:
