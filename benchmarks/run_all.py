@@ -4,6 +4,8 @@
   python -m benchmarks.run_all                   # ~15 min on 2 idle CPU cores, ~30 when shared
   python -m benchmarks.run_all --quick           # tiny sizes: a smoke check
   python benchmarks/run_all.py --out=/tmp/bench --only=losses,knn
+  python -m benchmarks.race --methods=vicreg --out=/tmp/race.json   # a long run on its own,
+  python -m benchmarks.run_all --rows=/tmp/race.json                # then into RESULTS.md
 
 Benchmarks: `losses` (embedspace's losses vs lightly's), `train_step` (the VICReg training
 step vs a PyTorch + lightly loop, and the step's FLOP/s vs a matmul), `vit_step` (the ViT
@@ -16,7 +18,8 @@ and torch on CUDA when it sees one, so the same command runs on an accelerator m
 generated part of RESULTS.md (between its markers) is rewritten; the analysis written around it
 is kept. With `--only`, the other benchmarks' rows already in `--out`'s results.json are kept
 (their sections name the command and machine they came from), so one benchmark can be rerun
-without losing the others.
+without losing the others, and with `--rows` the rows a benchmark wrote with its own `--out`
+replace that benchmark's rows (the section names the benchmark's own command, machine and date).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -78,21 +82,45 @@ def normalize_row(name: str, r: dict[str, Any]) -> dict[str, Any]:
   return r
 
 
+def imported_rows(path: str) -> list[dict[str, Any]]:
+  """The rows of a benchmark's own `--out` file (`{"machine", "argv", "rows"}`), each with the
+  `source` it was measured with: its command line, machine and the file's date."""
+  with open(path, encoding="utf-8") as f:
+    data = json.load(f)
+  argv = data.get("argv") or ["?"]
+  name = os.path.splitext(os.path.basename(argv[0]))[0]
+  if name not in BENCHMARKS:
+    raise ValueError(f"{path}: written by {argv[0]!r}, not one of {', '.join(BENCHMARKS)}")
+  date = time.strftime("%Y-%m-%d", time.localtime(os.path.getmtime(path)))
+  source = common.provenance(" ".join([f"python -m benchmarks.{name}", *argv[1:]]),
+                             data.get("machine", {}), date=date)
+  return [{**normalize_row(name, r), "source": source} for r in data["rows"]]
+
+
 def main(argv: list[str] | None = None) -> int:
   """Parses flags, runs the benchmarks and writes the results; returns the exit code."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke check")
   parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)),
                       help="folder for results.json and RESULTS.md (default: benchmarks/)")
-  parser.add_argument("--only", default=",".join(BENCHMARKS),
-                      help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
+  parser.add_argument("--only", default=None,
+                      help=f"comma-separated subset of {', '.join(BENCHMARKS)} (default: all, "
+                           "or none with --rows)")
+  parser.add_argument("--rows", action="append", default=[],
+                      help="a JSON file a benchmark wrote with its own --out (e.g. "
+                           "`benchmarks.race --out=F`): its rows replace that benchmark's")
   parser.add_argument("--no_torch_compile", action="store_true",
                       help="skip the torch.compile variant of the training loop")
   args = parser.parse_args(argv)
-  names = [n for n in args.only.split(",") if n]
+  only = args.only if args.only is not None else "" if args.rows else ",".join(BENCHMARKS)
+  names = [n for n in only.split(",") if n]
   unknown = sorted(set(names) - set(BENCHMARKS))
   if unknown:
     parser.error(f"unknown benchmarks {unknown}; valid: {', '.join(BENCHMARKS)}")
+  try:
+    imported = [r for path in args.rows for r in imported_rows(path)]
+  except (OSError, ValueError, KeyError) as e:
+    parser.error(f"--rows: {e}")
   command = "python -m benchmarks.run_all" + "".join(
       f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
   print(f"[run_all] load average before: {os.getloadavg()}", file=sys.stderr)
@@ -101,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
   info = common.machine_info()
   source = common.provenance(command, info)
   rows = [{**r, "source": source} for r in rows]
-  if set(names) != set(BENCHMARKS):
-    rows = common.kept_rows(args.out, exclude=names) + rows
+  rows += imported
+  replaced = set(names) | {r["benchmark"] for r in imported}
+  if replaced != set(BENCHMARKS):
+    rows = common.kept_rows(args.out, exclude=sorted(replaced)) + rows
   json_path, md_path = common.write_results(args.out, rows, info, command,
                                             time.perf_counter() - t0)
   print(f"[run_all] wrote {json_path} and {md_path}", file=sys.stderr)

@@ -146,3 +146,43 @@ def test_synchronised_batch_norm_matches_global_batch():
       in_specs=(P(), P(parallel.AXIS)), out_specs=(P(parallel.AXIS), P(parallel.AXIS))))
   f_local, _ = unsynced(parallel.replicate(mesh, variables), parallel.shard_batch(mesh, x))
   assert not np.allclose(f_local, f_ref, rtol=1e-3, atol=1e-3)
+
+
+def _kernels(params) -> dict[str, np.ndarray]:
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat if k[-1].key == "kernel"}
+
+
+@pytest.mark.parametrize("name", ["lecun_normal", "kaiming_uniform"])
+def test_kernel_init_has_the_documented_law_in_every_conv_and_linear(name):
+  # fan_in computed here from the shape alone: in_channels x kernel area (HWIO) or inputs (IO).
+  model = EmbeddingModel(stage_sizes=(1, 1), width=16, projector_dims=(256, 256),
+                         kernel_init=resnet.KERNEL_INITS[name])
+  kernels = _kernels(_init(model, _images(2))["params"])
+  assert len(kernels) == 1 + 4 + 1 + 2  # stem, 2 x 2 block convs, a shortcut, 2 Linears
+  for path, w in kernels.items():
+    fan_in = int(np.prod(w.shape[:-1]))
+    if name == "kaiming_uniform":  # torch's kaiming_uniform_(a=sqrt(5)): U(+-1/sqrt(fan_in)).
+      bound = 1 / np.sqrt(fan_in)
+      assert np.abs(w).max() <= bound, path
+      std = bound / np.sqrt(3)
+    else:  # LeCun normal, truncated at 2 sigma and rescaled to variance 1 / fan_in.
+      std = 1 / np.sqrt(fan_in)
+      assert np.abs(w).max() <= 2 * std / 0.8796 + 1e-6, path
+    if w.size >= 2000:  # Enough draws for the standard deviation to be within 5%.
+      assert abs(w.std() / std - 1) < 0.05, (path, w.std(), std)
+
+
+def test_kaiming_uniform_draws_like_torch():
+  torch = pytest.importorskip("torch")
+  conv = torch.nn.Conv2d(16, 32, 3, bias=False).weight.detach().numpy()
+  linear = torch.nn.Linear(128, 1024, bias=False).weight.detach().numpy()
+  ours = _kernels(_init(EmbeddingModel(stage_sizes=(1, 1), width=16, projector_dims=(1024,),
+                                       kernel_init=resnet.KERNEL_INITS["kaiming_uniform"]),
+                        _images(2))["params"])
+  conv_ours = next(w for p, w in ours.items() if "stage2" in p and "conv1" in p)  # 3x3x16x32
+  linear_ours = next(w for p, w in ours.items() if "projector" in p)  # [32, 1024]: fan_in 32
+  np.testing.assert_allclose(np.abs(conv_ours).max(), np.abs(conv).max(), rtol=0.02)
+  np.testing.assert_allclose(conv_ours.std(), conv.std(), rtol=0.05)
+  fan_in_ratio = np.sqrt(128 / linear_ours.shape[0])  # Same law, scaled by 1/sqrt(fan_in).
+  np.testing.assert_allclose(linear_ours.std(), linear.std() * fan_in_ratio, rtol=0.05)
