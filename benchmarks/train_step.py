@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -89,9 +90,17 @@ def torch_model(config):
     for j in range(blocks):
       layers.append(Block(cin, w * 2 ** i, 2 if i > 0 and j == 0 else 1))
       cin = w * 2 ** i
-  layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-  dims = tuple(config.model.projector_dims)
-  for dim in dims[:-1]:
+  layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), *torch_mlp(cin, config.model.projector_dims)]
+  return nn.Sequential(*layers)
+
+
+def torch_mlp(cin: int, dims: Sequence[int]) -> Any:
+  """The PyTorch twin of `models.MLP(dims)` on `cin` inputs: `Linear-BN-ReLU` per hidden width
+  (no Linear bias; BN momentum 0.1 = flax's 0.9, eps 1e-5, torch's defaults), a final Linear
+  without bias."""
+  from torch import nn
+  layers: list[nn.Module] = []
+  for dim in tuple(dims)[:-1]:
     layers += [nn.Linear(cin, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU()]
     cin = dim
   layers.append(nn.Linear(cin, dims[-1], bias=False))

@@ -85,13 +85,15 @@ def test_kept_rows_carry_their_source_into_the_report(tmp_path):
 
 
 from benchmarks import race  # noqa: E402
+from benchmarks import race_reference  # noqa: E402
+from benchmarks import race_scores  # noqa: E402
 
 
 def test_time_to_accuracy_interpolates_between_curve_points():
   curve = [(10.0, 0.5), (20.0, 0.7), (30.0, 0.8)]
-  assert race.time_to_accuracy(curve, 0.6) == (15.0, "")
-  assert race.time_to_accuracy(curve, 0.4) == (10.0, "<=")  # before the first point: a bound
-  assert race.time_to_accuracy(curve, 0.9) == (None, ">")
+  assert race_scores.time_to_accuracy(curve, 0.6) == (15.0, "")
+  assert race_scores.time_to_accuracy(curve, 0.4) == (10.0, "<=")  # before the first point: a bound
+  assert race_scores.time_to_accuracy(curve, 0.9) == (None, ">")
 
 
 def test_reference_transform_draws_views_like_embedspace():
@@ -103,8 +105,8 @@ def test_reference_transform_draws_views_like_embedspace():
   data = race.Data.load()
   config = race.race_config("vicreg", steps=8, batch_size=32, seed=0, quick=False)
   images = data.train_images[:256]
-  transform = race.reference_transform(config.data.augment, size=28, mean=data.mean,
-                                       std=data.std)
+  transform = race_reference.reference_transform(config.data.augment, size=28, mean=data.mean,
+                                                 std=data.std)
   torch.manual_seed(0)
   ref = np.stack([transform(torch.from_numpy(im.transpose(2, 0, 1).copy())).numpy()
                   for im in images for _ in range(4)])
@@ -142,14 +144,96 @@ def test_reference_run_follows_embedspace_schedule_and_decay_groups():
 
   data = race.Data.load()
   config = race.race_config("simclr", steps=40, batch_size=16, seed=0, quick=True)
-  run = race.ReferenceRun(config, race.RECIPES["simclr"], data, race.ReferenceSetup())
+  run = race_reference.ReferenceRun(config, race.RECIPES["simclr"].reference_objective, data,
+                                    race_reference.ReferenceSetup())
   schedule = optim.learning_rate_schedule(config)
   np.testing.assert_allclose(run.lrs, [float(schedule(i)) for i in range(40)], rtol=1e-6)
   decayed = sum(p.numel() for p in run.opt.param_groups[0]["params"])
   import jax
-  params = race.flax_params(config)
+  params = race_reference.flax_params(config)
   mask = optim.decay_mask(params)
   want = sum(int(np.prod(p.shape)) for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask))
              if m)
   assert decayed == want
+  run.close()
+
+
+def test_reference_byol_loss_and_momentum_match_embedspace():
+  import torch
+
+  from embedspace import losses
+
+  config = race.race_config("byol", steps=7, batch_size=16, seed=0, quick=True)
+  objective = race_reference.byol_objective(config, torch.nn.Linear(3, 3))
+  rng = np.random.default_rng(0)
+  p1, z2, p2, z1 = (rng.normal(size=(16, 8)).astype(np.float32) for _ in range(4))
+  v1, v2 = torch.from_numpy(p1), torch.from_numpy(p2)
+  # The objective's own forward with an identity online network and predictor (predictions =
+  # views) and a target that maps each view to its given projection.
+  objective.predictor = torch.nn.Identity()
+  targets = {id(v1): torch.from_numpy(z1), id(v2): torch.from_numpy(z2)}
+  object.__setattr__(objective, "target", lambda v: targets[id(v)])
+  ref = objective(lambda v: v, v1, v2)
+  np.testing.assert_allclose(float(ref), float(losses.byol_loss(p1, z2, p2, z1)), rtol=1e-6)
+  for total in (1, 2, 7, 300):
+    config.num_steps = total
+    for step in sorted({0, 1, 2, total // 2, total - 1, total, total + 3}):
+      want = losses.ema_momentum(step, base=config.loss.momentum_base, total_steps=total)
+      assert np.float32(race_reference.byol_momentum(config, step)) == want, (total, step)
+
+
+def test_reference_byol_target_is_an_ema_outside_the_optimizer():
+  import torch
+
+  data = race.Data.load()
+  config = race.race_config("byol", steps=4, batch_size=16, seed=0, quick=True)
+  run = race_reference.ReferenceRun(config, race.RECIPES["byol"].reference_objective, data,
+                                    race_reference.ReferenceSetup())
+  target = run.objective.target
+  online = list(run.model.parameters())
+  trained = {id(p) for g in run.opt.param_groups for p in g["params"]}
+  assert not trained & {id(p) for p in target.parameters()}
+  assert not any(p.requires_grad for p in target.parameters())
+  predictor = {id(p) for p in run.objective.predictor.parameters()}
+  assert predictor and predictor <= trained and {id(p) for p in online} <= trained
+  assert trained == {id(p) for p in online} | predictor
+  initial = [p.detach().clone() for p in online]
+  run.step()  # Step 0: tau(0) of a copy of the initial parameters is those parameters.
+  for p, q in zip(target.parameters(), initial):
+    torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+  before_t = [p.detach().clone() for p in target.parameters()]
+  before_o = [p.detach().clone() for p in online]
+  run.step()  # Step 1: target <- tau(1) target + (1 - tau(1)) online, before its forward pass.
+  m = race_reference.byol_momentum(config, 1)
+  assert config.loss.momentum_base < m < 1
+  for p, t0, o0 in zip(target.parameters(), before_t, before_o):
+    torch.testing.assert_close(p, m * t0 + (1 - m) * o0, rtol=1e-6, atol=1e-7)
+  assert any(not torch.equal(p, o) for p, o in zip(target.parameters(), online))
+  run.close()
+
+
+def test_race_quick_byol_trains_and_scores_both_sides():
+  rows = race.race(["byol"], seeds=(0,), steps=2, batch_size=16, points=1, quick=True,
+                   eval_train=256, eval_test=128, tune=False, profile=False)
+  table = [r for r in rows if not r.get("summary")]
+  assert {r["impl"] for r in table} == {race.EMBEDSPACE, race.REFERENCE}
+  for r in table:
+    if r["seed"] == "0":
+      assert 0.0 <= r["final kNN"] <= 1.0 and 0.0 <= r["final probe"] <= 1.0
+      assert -1.0 <= r["loss"] <= 1.0  # Both sides in lightly's scale.
+      assert r["kNN curve"].startswith("2:")
+  assert any("final kNN embedspace" in r.get("note", "") for r in rows)
+
+
+def test_reference_byol_flax_init_covers_the_predictor_and_the_target_copies_it():
+  import torch
+
+  data = race.Data.load()
+  config = race.race_config("byol", steps=4, batch_size=16, seed=0, quick=True)
+  run = race_reference.ReferenceRun(config, race.RECIPES["byol"].reference_objective, data,
+                                    race_reference.ReferenceSetup(init="flax"))
+  weight = run.objective.predictor[0].weight.detach()  # [64, 64]
+  assert abs(float(weight.std()) * 8 - 1) < 0.06  # LeCun-normal: std 1/8 (torch's: 1/8/sqrt(3))
+  for p, q in zip(run.objective.target.parameters(), run.model.parameters()):
+    assert torch.equal(p, q)
   run.close()
