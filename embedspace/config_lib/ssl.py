@@ -53,7 +53,7 @@ def base(method: str) -> ml_collections.ConfigDict:
   c.model.vit.mlp_dim = 512
   c.model.vit.posemb = "learn"  # 'learn' | 'sincos2d'
   c.model.projector_dims = (1024, 1024, 1024)
-  c.model.kernel_init = "lecun_normal"  # ResNet + MLP weights: 'lecun_normal' | 'kaiming_uniform'
+  c.model.kernel_init = "kaiming_uniform"  # torch's default law; or flax's "lecun_normal"
   c.model.dtype = "float32"  # compute dtype; 'bfloat16' keeps float32 parameters and loss
 
   c.loss = ml_collections.ConfigDict()  # method-specific, set by each config file
