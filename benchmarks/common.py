@@ -174,6 +174,7 @@ def generic_table(rows: Sequence[dict[str, Any]]) -> str:
       scalar = v is None or isinstance(v, (str, int, float, bool))
       if scalar and k != "benchmark" and k not in keys:
         keys.append(k)
+  keys = [k for k in keys if any(r.get(k) not in (None, "", "-") for r in rows)]  # Not empty.
   fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
   lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
   lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
@@ -214,14 +215,19 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 def markdown_report(rows: Sequence[dict[str, Any]], info: dict[str, Any], command: str,
                     wall_s: float) -> str:
   """The generated part of RESULTS.md: machine, command, one table per benchmark."""
-  out = [
-      f"Command: `{command}` ({wall_s / 60:.1f} min). Machine: {info['cpu']}, "
-      f"{info['cores']} cores, load average at the end {info['loadavg_1_5_15'][0]:.2f} "
-      f"(1 min) / {info['loadavg_1_5_15'][1]:.2f} (5 min); JAX {info['jax']} on "
-      f"{info['jax_backend']}; torch {info.get('torch')} on {info.get('torch_device')} "
-      f"({info.get('torch_threads')} threads, OMP_WAIT_POLICY="
-      f"{info.get('omp_wait_policy')}), lightly {info.get('lightly')}, faiss "
-      f"{info.get('faiss')}, scikit-learn {info.get('sklearn')}.",
+  if not any((r.get("source") or {}).get("command", command) == command for r in rows):
+    out = [f"Assembled by `{command}` from earlier runs (none ran now): each section names the "
+           "command, machine and date it was measured with."]
+  else:
+    out = [
+        f"Command: `{command}` ({wall_s / 60:.1f} min). Machine: {info['cpu']}, "
+        f"{info['cores']} cores, load average at the end {info['loadavg_1_5_15'][0]:.2f} "
+        f"(1 min) / {info['loadavg_1_5_15'][1]:.2f} (5 min); JAX {info['jax']} on "
+        f"{info['jax_backend']}; torch {info.get('torch')} on {info.get('torch_device')} "
+        f"({info.get('torch_threads')} threads, OMP_WAIT_POLICY="
+        f"{info.get('omp_wait_policy')}), lightly {info.get('lightly')}, faiss "
+        f"{info.get('faiss')}, scikit-learn {info.get('sklearn')}."]
+  out += [
       "",
       "Times are per call; `speedup vs ref` is the reference's median over this one's, both "
       "measured interleaved in the same run (> 1: embedspace is faster). `n` is kept/timed "
@@ -233,14 +239,22 @@ def markdown_report(rows: Sequence[dict[str, Any]], info: dict[str, Any], comman
     if r["benchmark"] not in benchmarks:
       benchmarks.append(r["benchmark"])
   for b in benchmarks:
-    mine = [r for r in rows if r["benchmark"] == b]
-    out += ["", f"### {b}", ""]
-    source = mine[0].get("source")
-    if source and source.get("command") != command:
-      out += [_source_line(source), ""]
-    out += [markdown_table([r for r in mine if not r.get("summary")])]
-    notes = [r["note"] for r in mine if r.get("note")]
-    out += [""] + [f"- {n}" for n in notes] if notes else []
+    out += ["", f"### {b}"]
+    groups: list[list[dict[str, Any]]] = []  # Rows of one source (command) each, in order.
+    for r in (r for r in rows if r["benchmark"] == b):
+      if groups and groups[-1][0].get("source") == r.get("source"):
+        groups[-1].append(r)
+      else:
+        groups.append([r])
+    for mine in groups:
+      out.append("")
+      source = mine[0].get("source")
+      if source and source.get("command") != command:
+        out += [_source_line(source), ""]
+      table = [r for r in mine if not r.get("summary")]
+      out += [markdown_table(table)] if table else []
+      notes = [r["note"] for r in mine if r.get("note")]
+      out += ([""] if table else []) + [f"- {n}" for n in notes] if notes else []
   return "\n".join(out) + "\n"
 
 

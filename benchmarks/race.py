@@ -28,8 +28,10 @@ train split (60,000 images), and what is scored is the encoder it leaves:
   (`reference_transform`): random resized crop (scale, ratio), horizontal flip, brightness +
   contrast jitter with its probability, normalisation with the dataset's mean/std; a shuffling
   `DataLoader` over the same 60,000 images. Seed policy on both sides: the seed drives the
-  initialisation, the data order and the augmentation. Initialisation is each framework's own
-  default (flax: LeCun-normal kernels; torch: Kaiming-uniform with a = sqrt(5)).
+  initialisation, the data order and the augmentation. Initialisation follows the same law on
+  both sides: the configs' `model.kernel_init = "kaiming_uniform"` is torch's default for
+  `Conv2d` and `Linear` (`--embedspace_init=lecun_normal` gives embedspace flax's default back,
+  `--reference_init=flax` gives it to the reference: the ablations).
 - the reference's set-up is its best one measured on this machine before the race
   (`race_reference.tune_reference`): torch eager or `torch.compile`, NCHW or channels-last, 0, 1
   or 2 DataLoader workers, one thread per core.

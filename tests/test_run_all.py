@@ -34,6 +34,8 @@ def test_rows_replace_only_their_benchmark_and_name_their_own_command(tmp_path):
   assert run_all.main([f"--out={tmp_path}", f"--rows={out}"]) == 0
   text = (tmp_path / "RESULTS.md").read_text()
   assert "| vicreg | mine | 0 | 0.875 |" in text and "0.1 |" not in text  # Replaced, not added.
+  assert "Assembled by `python -m benchmarks.run_all" in text  # No machine of its own.
+  assert "| - |" not in text  # No column of the `case` run_all fills in for rows without one.
   assert "- vicreg: final kNN 0.875" in text
   assert "_From `python -m benchmarks.race --methods=vicreg --steps=300` (" in text
   assert "race cpu, 2 cores, load average at the end 0.50 / 0.60)._" in text
@@ -50,3 +52,18 @@ def test_rows_of_an_unknown_writer_are_a_clear_error(tmp_path, capsys):
   assert e.value.code == 2
   assert "not one of losses" in capsys.readouterr().err
   assert not (tmp_path / "RESULTS.md").exists()  # Nothing was written.
+
+
+def test_rows_of_two_runs_of_one_benchmark_each_name_their_command(tmp_path):
+  first, second = tmp_path / "vicreg.json", tmp_path / "simclr.json"
+  _race_out(first, 0.85)
+  _race_out(second, 0.86)
+  data = json.loads(second.read_text())
+  data["argv"] = ["/x/benchmarks/race.py", "--methods=simclr"]
+  second.write_text(json.dumps(data))
+  assert run_all.main([f"--out={tmp_path}", f"--rows={first}", f"--rows={second}"]) == 0
+  text = (tmp_path / "RESULTS.md").read_text()
+  assert text.count("### race") == 1
+  one = text.index("_From `python -m benchmarks.race --methods=vicreg --steps=300`")
+  two = text.index("_From `python -m benchmarks.race --methods=simclr`")
+  assert one < text.index("| 0.85 |") < two < text.index("| 0.86 |")  # Each under its source.
