@@ -27,6 +27,7 @@ from embedspace.core import metrics as metrics_lib
 from embedspace.core import train as core_train
 from embedspace.core.config_checks import ConfigError
 from embedspace.ssl import byol
+from tests import train_steps
 
 CONFIGS = {"byol": byol_config, "dino": dino_config}
 
@@ -35,14 +36,7 @@ needs_8_devices = pytest.mark.skipif(
 
 
 def _smoke(method, **overrides):
-  config = CONFIGS[method].get_config("smoke")
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return config
+  return train_steps.smoke_config(CONFIGS[method], **overrides)
 
 
 def _batches(config, n_steps, seed=0):
@@ -56,24 +50,6 @@ def _batches(config, n_steps, seed=0):
              "locals": normal(b, config.data.num_local_crops, local, local, 1)}
             for _ in range(n_steps)]
   return [{"view1": normal(b, s, s, 1), "view2": normal(b, s, s, 1)} for _ in range(n_steps)]
-
-
-def _prepare(config, mesh):
-  return core_train.prepare(methods.task(config.method), config, mesh)
-
-
-def _run_steps(config, devices, batches):
-  """Losses and the host state after each step (the state before step 0 first)."""
-  mesh = parallel.make_mesh(devices)
-  run = _prepare(config, mesh)
-  state = parallel.replicate(mesh, run.state)
-  step = run.parallel_step(mesh)
-  losses_, states = [], [jax.device_get(state)]
-  for b in batches:
-    state, m = step(state, parallel.shard_batch(mesh, b))
-    losses_.append(float(m["loss"]))
-    states.append(jax.device_get(state))
-  return losses_, states
 
 
 def _max_diff(a, b):
@@ -93,8 +69,8 @@ def test_eight_devices_match_one_device(method):
   # LARS value, so that the three steps move the model).
   config = _smoke(method, log_every=1, **{"optimizer.name": "lars", "optimizer.base_lr": 0.3})
   batches = _batches(config, 3)
-  loss1, states1 = _run_steps(config, jax.devices()[:1], batches)
-  loss8, states8 = _run_steps(config, jax.devices()[:8], batches)
+  loss1, states1 = train_steps.run_steps(config, jax.devices()[:1], batches)
+  loss8, states8 = train_steps.run_steps(config, jax.devices()[:8], batches)
   # atol 1e-5 on losses of scale 1 (BYOL's is a mean cosine near 0 here, so a relative
   # tolerance alone would be arbitrary); the CPU kernels block 4 rows differently from 32.
   np.testing.assert_allclose(loss8, loss1, rtol=5e-5, atol=1e-5)
@@ -104,7 +80,7 @@ def test_eight_devices_match_one_device(method):
   # floor is high: LARS steps batch-norm biases by lr x gradient, and some of those gradients
   # are rounding noise around 0.) A per-device centre or batch norm is off by far more.
   perm = np.random.default_rng(1).permutation(config.batch_size)
-  _, states_perm = _run_steps(config, jax.devices()[:1],
+  _, states_perm = train_steps.run_steps(config, jax.devices()[:1],
                               [{k: v[perm] for k, v in b.items()} for b in batches])
   for part in ("params", "ema", "batch_stats"):
     one, eight, permuted = (getattr(s[-1], part) for s in (states1, states8, states_perm))
@@ -128,7 +104,7 @@ def test_ema_teacher_and_dino_center_after_k_steps_equal_numpy(method):
   config = _smoke(method, log_every=1)
   k = 4
   batches = _batches(config, k, seed=2)
-  _, states = _run_steps(config, jax.devices()[:8], batches)
+  _, states = train_steps.run_steps(config, jax.devices()[:8], batches)
   task = methods.task(config.method)
   select = task.ema(config).select
   base = config.loss.momentum_base
@@ -172,7 +148,7 @@ def test_ema_teacher_and_dino_center_after_k_steps_equal_numpy(method):
 def _first_loss(config):
   """The task's loss at step 0 on one device (its batch norm is synchronised: under shard_map)."""
   mesh = parallel.make_mesh(jax.devices()[:1])
-  run = _prepare(config, mesh)
+  run = train_steps.prepare(config, mesh)
   batch = _batches(config, 1, seed=3)[0]
   state = run.state  # At step 0 the moved target is still the initial parameters.
 
@@ -281,7 +257,7 @@ def test_a_byol_or_dino_config_without_its_model_keys_names_them():
 def test_any_ssl_method_takes_either_encoder(method, encoder):
   config = {"simclr": simclr_config, **CONFIGS}[method].get_config("smoke")
   config.model.name, config.log_every = encoder, 1
-  losses_, states = _run_steps(config, jax.devices()[:1], _batches(config, 2))
+  losses_, states = train_steps.run_steps(config, jax.devices()[:1], _batches(config, 2))
   encoder_params = states[-1].params["encoder"]
   assert ("patch_embedding" if encoder == "vit" else "conv_stem") in encoder_params
   assert np.isfinite(losses_).all() and _max_diff(states[-1].params, states[0].params) > 0
@@ -294,7 +270,7 @@ def test_any_ssl_method_takes_either_encoder(method, encoder):
 def test_resnet_stays_the_default_with_its_parameter_tree():
   config = simclr_config.get_config("smoke")
   assert config.model.name == "resnet"
-  resnet = _prepare(config, parallel.make_mesh(jax.devices()[:1]))
+  resnet = train_steps.prepare(config, parallel.make_mesh(jax.devices()[:1]))
   expected = jax.eval_shape(lambda: models.EmbeddingModel(
       stage_sizes=(1,), width=8, projector_dims=(64, 64)).init(
           jax.random.key(0), jnp.zeros((2, 28, 28, 1)), train=False))

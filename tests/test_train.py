@@ -17,21 +17,14 @@ from embedspace import losses, methods, parallel
 from embedspace.core import loop
 from embedspace.core import metrics as metrics_lib
 from embedspace.core import step as step_lib
-from embedspace.core import train as core_train
 from embedspace.core.config_checks import ConfigError
+from tests import train_steps
 
 CONFIGS = {"vicreg": vicreg, "simclr": simclr, "barlow": barlow}
 
 
 def _smoke(method="vicreg", **overrides):
-  config = CONFIGS[method].get_config("smoke")
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return config
+  return train_steps.smoke_config(CONFIGS[method], **overrides)
 
 
 def _batches(n_steps, batch, shape=(28, 28, 1), seed=0):
@@ -40,20 +33,10 @@ def _batches(n_steps, batch, shape=(28, 28, 1), seed=0):
            "view2": rng.normal(size=(batch, *shape)).astype(np.float32)} for _ in range(n_steps)]
 
 
-def _prepare(config, mesh):
-  return core_train.prepare(methods.task(config.method), config, mesh)
-
-
-def _run_steps(config, devices, batches):
-  mesh = parallel.make_mesh(devices)
-  run = _prepare(config, mesh)
-  state = parallel.replicate(mesh, run.state)
-  step = run.parallel_step(mesh)
-  losses = []
-  for b in batches:
-    state, m = step(state, parallel.shard_batch(mesh, b))
-    losses.append(float(m["loss"]))
-  return losses, jax.device_get(state)
+def _final_state(config, devices, batches):
+  """The losses of the steps and the host state after the last one."""
+  losses_, states = train_steps.run_steps(config, devices, batches)
+  return losses_, states[-1]
 
 
 def _max_diff(a, b):
@@ -70,8 +53,8 @@ def test_eight_devices_match_one_device(method):
   # the device count. LARS scales whole layers and keeps rounding differences at rounding size.
   config = _smoke(method, log_every=1, **{"optimizer.name": "lars"})
   batches = _batches(3, config.batch_size)
-  loss1, state1 = _run_steps(config, jax.devices()[:1], batches)
-  loss8, state8 = _run_steps(config, jax.devices()[:8], batches)
+  loss1, state1 = _final_state(config, jax.devices()[:1], batches)
+  loss8, state8 = _final_state(config, jax.devices()[:8], batches)
   # rtol 5e-5: on a 2-core Sapphire Rapids Xeon the very first forward (identical parameters)
   # already differs by 5e-6 relative, because the CPU kernels block a 4-image batch differently
   # from a 32-image one; a wrong collective moves the loss by percents.
@@ -81,7 +64,7 @@ def test_eight_devices_match_one_device(method):
   # same loss mathematically; 8 devices must be as close to 1 device as that (LARS amplifies
   # rounding differences over steps, so an absolute tolerance would be arbitrary).
   perm = np.random.default_rng(1).permutation(config.batch_size)
-  _, state_perm = _run_steps(config, jax.devices()[:1],
+  _, state_perm = _final_state(config, jax.devices()[:1],
                              [{k: v[perm] for k, v in b.items()} for b in batches])
   floor = max(_max_diff(state_perm.params, state1.params), 1e-7)
   assert _max_diff(state8.params, state1.params) <= 4 * floor
@@ -92,8 +75,8 @@ def test_eight_devices_match_one_device(method):
 def test_pmap_runs_the_same_per_device_step():
   config = _smoke("vicreg", log_every=1)
   batches = _batches(2, config.batch_size)
-  loss_ref, state_ref = _run_steps(config, jax.devices()[:8], batches)
-  run = _prepare(config, parallel.make_mesh(jax.devices()[:8]))
+  loss_ref, state_ref = _final_state(config, jax.devices()[:8], batches)
+  run = train_steps.prepare(config, parallel.make_mesh(jax.devices()[:8]))
   n = 8
   state = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), run.state)
   step = jax.pmap(lambda s, b: run.train_step(s, b, axis_name=parallel.AXIS),
@@ -112,9 +95,9 @@ def test_pmap_runs_the_same_per_device_step():
 def test_bfloat16_compute_keeps_float32_parameters_and_loss():
   config = _smoke("simclr", log_every=1)
   config.model.dtype = "bfloat16"
-  ref_losses, _ = _run_steps(_smoke("simclr", log_every=1), jax.devices()[:8],
+  ref_losses, _ = _final_state(_smoke("simclr", log_every=1), jax.devices()[:8],
                              _batches(2, config.batch_size))
-  losses, state = _run_steps(config, jax.devices()[:8], _batches(2, config.batch_size))
+  losses, state = _final_state(config, jax.devices()[:8], _batches(2, config.batch_size))
   assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state.params))
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-2)
 
@@ -126,7 +109,7 @@ def test_nonfinite_update_is_skipped_or_freezes_the_state():
   for skip in (True, False):
     config.skip_nonfinite = skip
     mesh = parallel.make_mesh(jax.devices()[:8])
-    run = _prepare(config, mesh)
+    run = train_steps.prepare(config, mesh)
     state = parallel.replicate(mesh, run.state)
     step = run.parallel_step(mesh)
     state, _ = step(state, parallel.shard_batch(mesh, batches[0]))

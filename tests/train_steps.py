@@ -1,0 +1,45 @@
+"""Helpers of the training-step tests (`test_train.py`, `test_distill_train.py`): a method's
+`:smoke` config with overrides, and a few steps of the core's compiled step on some devices."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import jax
+import ml_collections
+
+from embedspace import methods, parallel
+from embedspace.core import train as core_train
+
+
+def smoke_config(config_module: ModuleType, **overrides: Any) -> ml_collections.ConfigDict:
+  """`config_module.get_config("smoke")` with dotted-key overrides (`{"optimizer.name": "lars"}`)."""
+  config = config_module.get_config("smoke")
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+def prepare(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> core_train.Prepared:
+  """What `embedspace.main` builds for `config` on `mesh`."""
+  return core_train.prepare(methods.task(config.method), config, mesh)
+
+
+def run_steps(config: ml_collections.ConfigDict, devices: list[Any], batches: list[dict]
+              ) -> tuple[list[float], list[Any]]:
+  """The loss of each step on `devices`, and the host state before step 0 and after each step."""
+  mesh = parallel.make_mesh(devices)
+  run = prepare(config, mesh)
+  state = parallel.replicate(mesh, run.state)
+  step = run.parallel_step(mesh)
+  losses, states = [], [jax.device_get(state)]
+  for b in batches:
+    state, m = step(state, parallel.shard_batch(mesh, b))
+    losses.append(float(m["loss"]))
+    states.append(jax.device_get(state))
+  return losses, states
