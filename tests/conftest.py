@@ -89,25 +89,13 @@ def imagebind_smoke_workdir(tmp_path_factory):
 def preempt_at(monkeypatch):
   """`preempt_at(n)`: training runs from now on get SIGTERM during their n-th step (the compiled
   step, `core.step.make_parallel_step`, is wrapped); `preempt_at.disarm()` restores it."""
-  import signal
-
   from embedspace.core import step as step_lib
+  from tests import train_steps
 
   real = step_lib.make_parallel_step
 
   def arm(n: int) -> None:
-    calls = {"n": 0}
-
-    def preempting(*args, **kwargs):
-      step = real(*args, **kwargs)
-
-      def wrapped(state, batch):
-        calls["n"] += 1
-        if calls["n"] == n:
-          os.kill(os.getpid(), signal.SIGTERM)
-        return step(state, batch)
-      return wrapped
-    monkeypatch.setattr(step_lib, "make_parallel_step", preempting)
+    monkeypatch.setattr(step_lib, "make_parallel_step", train_steps.sigterm_during_step(n))
 
   arm.disarm = lambda: monkeypatch.setattr(step_lib, "make_parallel_step", real)
   return arm

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ from embedspace.core.config_checks import ConfigError
 from embedspace.core.workdirs import IncompatibleWorkdirError
 from embedspace.interface import find, find_eval, find_task, scenes
 from embedspace.multimodal import data as mm_data
+from tests import train_steps
 
 
 def _raster(box, size=24):
@@ -237,20 +237,8 @@ def test_smoke_run_trains_resumes_and_reports_on_eval_scenes_only(smoke_env, eig
   real_make = scenes.make_scenes
   monkeypatch.setattr(scenes, "make_scenes", lambda images, *a, **k: (
       used.append(images), real_make(images, *a, **k))[1])
-  real_step = step_lib.make_parallel_step
-  calls = {"n": 0}
-
-  def preempting(*args, **kwargs):
-    step = real_step(*args, **kwargs)
-
-    def wrapped(state, batch):
-      calls["n"] += 1
-      if calls["n"] == 3:
-        os.kill(os.getpid(), signal.SIGTERM)
-      return step(state, batch)
-    return wrapped
   with monkeypatch.context() as mp:
-    mp.setattr(step_lib, "make_parallel_step", preempting)
+    mp.setattr(step_lib, "make_parallel_step", train_steps.sigterm_during_step(3))
     with pytest.raises(loop.Preempted) as exc:
       methods.train_and_evaluate(config, workdir)
   assert exc.value.step == 3

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 
 import jax
 import numpy as np
@@ -19,6 +18,7 @@ from embedspace.core import train as core_train
 from embedspace.core.config_checks import ConfigError
 from embedspace.multimodal import audio, data, evaluate, text
 from embedspace.multimodal import task as mm_task
+from tests import train_steps
 
 CONFIGS = {"clip": clip, "imagebind": imagebind, "decur": decur}
 FSDD = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "fsdd", "recordings")
@@ -227,22 +227,6 @@ def test_multimodal_step_on_eight_devices_matches_one_device(imagebind_steppers)
       _max_diff(state_perm.batch_stats, state1.batch_stats), 1e-6)
 
 
-def _preempt_after(calls_before_sigterm):
-  real = step_lib.make_parallel_step
-  calls = {"n": 0}
-
-  def make(*args, **kwargs):
-    step = real(*args, **kwargs)
-
-    def wrapped(state, batch):
-      calls["n"] += 1
-      if calls["n"] == calls_before_sigterm:
-        os.kill(os.getpid(), signal.SIGTERM)
-      return step(state, batch)
-    return wrapped
-  return make
-
-
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
   """Each config's `:smoke` run, end to end (ImageBind with the heatmap drawn)."""
@@ -253,7 +237,7 @@ def smoke_runs(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp(name))
     if name == "imagebind":  # Preempted by SIGTERM in step 3, then the same command again.
       with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(step_lib, "make_parallel_step", _preempt_after(3))
+        mp.setattr(step_lib, "make_parallel_step", train_steps.sigterm_during_step(3))
         with pytest.raises(loop.Preempted) as exc:
           methods.train_and_evaluate(config, workdir)
         assert exc.value.code == loop.PREEMPTED_EXIT_CODE and exc.value.step == 3

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +22,7 @@ from embedspace.core.config_checks import ConfigError
 from embedspace.core.task import Setup
 from embedspace.core.workdirs import IncompatibleWorkdirError
 from embedspace.interface import palme, palme_data, palme_task
+from tests import train_steps
 
 
 def _config(workdir=None, variant="smoke"):
@@ -223,27 +223,11 @@ def test_missing_or_wrong_encoders_workdir_and_bad_values_fail_clearly(tmp_path)
     palme_config.get_config("text")
 
 
-def _preempt_after(calls_before_sigterm):
-  real = step_lib.make_parallel_step
-  calls = {"n": 0}
-
-  def make(*args, **kwargs):
-    step = real(*args, **kwargs)
-
-    def wrapped(state, batch):
-      calls["n"] += 1
-      if calls["n"] == calls_before_sigterm:
-        os.kill(os.getpid(), signal.SIGTERM)
-      return step(state, batch)
-    return wrapped
-  return make
-
-
 def test_smoke_run_trains_resumes_and_reports(imagebind_smoke_workdir, vectors, tmp_path):
   config = _config(imagebind_smoke_workdir)
   workdir = str(tmp_path / "palme")
   with pytest.MonkeyPatch.context() as mp:  # SIGTERM during step 3, then the same call again
-    mp.setattr(step_lib, "make_parallel_step", _preempt_after(3))
+    mp.setattr(step_lib, "make_parallel_step", train_steps.sigterm_during_step(3))
     with pytest.raises(loop.Preempted) as exc:
       methods.train_and_evaluate(config, workdir)
   assert exc.value.step == 3

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -165,19 +164,7 @@ def test_smoke_run_end_to_end_and_resume_after_preemption(tmp_path, monkeypatch)
   # Same command, preempted by SIGTERM after 4 steps, then rerun: bit-identical parameters.
   resumed = str(tmp_path / "resumed")
   real = step_lib.make_parallel_step
-  calls = {"n": 0}
-
-  def preempt_after_4(*args, **kwargs):
-    step = real(*args, **kwargs)
-
-    def wrapped(state, batch):
-      calls["n"] += 1
-      if calls["n"] == 4:
-        os.kill(os.getpid(), signal.SIGTERM)
-      return step(state, batch)
-    return wrapped
-
-  monkeypatch.setattr(step_lib, "make_parallel_step", preempt_after_4)
+  monkeypatch.setattr(step_lib, "make_parallel_step", train_steps.sigterm_during_step(4))
   with pytest.raises(loop.Preempted) as exc:
     methods.train_and_evaluate(config, resumed)
   assert exc.value.code == loop.PREEMPTED_EXIT_CODE and exc.value.step == 4

@@ -1,8 +1,11 @@
-"""Helpers of the training-step tests (`test_train.py`, `test_distill_train.py`): a method's
-`:smoke` config with overrides, and a few steps of the core's compiled step on some devices."""
+"""Helpers of the training tests: a method's `:smoke` config with overrides, a few steps of the
+core's compiled step on some devices, and a step that preempts its run with SIGTERM."""
 
 from __future__ import annotations
 
+import os
+import signal
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -10,6 +13,7 @@ import jax
 import ml_collections
 
 from embedspace import methods, parallel
+from embedspace.core import step as step_lib
 from embedspace.core import train as core_train
 
 
@@ -43,3 +47,21 @@ def run_steps(config: ml_collections.ConfigDict, devices: list[Any], batches: li
     losses.append(float(m["loss"]))
     states.append(jax.device_get(state))
   return losses, states
+
+
+def sigterm_during_step(n: int) -> Callable[..., Any]:
+  """A stand-in for `core.step.make_parallel_step` (set it with monkeypatch) whose compiled steps
+  send this process SIGTERM during the n-th step they run, counted over every step it makes."""
+  real = step_lib.make_parallel_step
+  calls = {"n": 0}
+
+  def make(*args, **kwargs):
+    step = real(*args, **kwargs)
+
+    def wrapped(state, batch):
+      calls["n"] += 1
+      if calls["n"] == n:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return step(state, batch)
+    return wrapped
+  return make
