@@ -183,15 +183,6 @@ def _stepper(run, devices):
   return jax.device_get(run.state), run.parallel_step(mesh), mesh
 
 
-def _run(stepper, batches):
-  init, step, mesh = stepper
-  state, losses = parallel.replicate(mesh, init), []
-  for b in batches:
-    state, m = step(state, parallel.shard_batch(mesh, b))
-    losses.append(float(m["loss"]))
-  return losses, jax.device_get(state)
-
-
 def _batches(env, n):
   sampler = env["sampler"]
   return [sampler.batch(s) for s in range(n)]
@@ -207,15 +198,15 @@ def test_find_step_on_eight_devices_matches_one_device(smoke_run, eight_devices)
   config, run, env = smoke_run
   batches = _batches(env, 2)
   one = _stepper(run, jax.devices()[:1])
-  loss1, state1 = _run(one, batches)
-  loss8, state8 = _run(eight_devices, batches)
+  loss1, state1 = train_steps.run_compiled(one, batches)
+  loss8, state8 = train_steps.run_compiled(eight_devices, batches)
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
   assert loss1[0] != loss1[1]
   # The float32 floor: the same global batch with its rows permuted, on one device; 8 devices
   # must be as close. Attention key biases are left out: softmax ignores them, so their gradient
   # is rounding noise, which AdamW scales up to steps of any sign.
   perm = np.random.default_rng(1).permutation(config.batch_size)
-  _, state_perm = _run(one, [{k: v[perm] for k, v in b.items()} for b in batches])
+  _, state_perm = train_steps.run_compiled(one, [{k: v[perm] for k, v in b.items()} for b in batches])
 
   def diff(x, y):
     leaves = jax.tree_util.tree_leaves_with_path(x)
@@ -262,7 +253,7 @@ def test_smoke_run_trains_resumes_and_reports_on_eval_scenes_only(smoke_env, eig
   train_bytes = {x.tobytes() for x in split["train"].image_raw}
   assert not any(x.tobytes() in train_bytes for x in split["eval"].image_raw)
   # The preempted and resumed run ends where the same steps without a stop end.
-  _, state = _run(eight_devices, _batches(env, config.num_steps))
+  _, state = train_steps.run_compiled(eight_devices, _batches(env, config.num_steps))
   restored = ocp.StandardCheckpointer().restore(
       os.path.join(workdir, "checkpoints", str(config.num_steps), "state"))
   jax.tree.map(np.testing.assert_array_equal, restored["params"], state.params)

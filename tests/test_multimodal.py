@@ -189,15 +189,6 @@ def _stepper(config, devices):
   return init, run.parallel_step(mesh), mesh
 
 
-def _run(stepper, batches):
-  init, step, mesh = stepper
-  state, losses = parallel.replicate(mesh, init), []
-  for b in batches:
-    state, m = step(state, parallel.shard_batch(mesh, b))
-    losses.append(float(m["loss"]))
-  return losses, jax.device_get(state)
-
-
 def _max_diff(a, b):
   return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
@@ -213,14 +204,14 @@ def test_multimodal_step_on_eight_devices_matches_one_device(imagebind_steppers)
   # ImageBind's step has all three encoders (batch norm in two of them) and two clip losses.
   config, one, eight = imagebind_steppers
   batches = _batches(config, 2)
-  loss1, state1 = _run(one, batches)
-  loss8, state8 = _run(eight, batches)
+  loss1, state1 = train_steps.run_compiled(one, batches)
+  loss8, state8 = train_steps.run_compiled(eight, batches)
   np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
   assert loss1[0] != loss1[1]
   # The float32 floor: the same global batch with its rows permuted (within each pair) on one
   # device; 8 devices must be as close to 1 device as that.
   perm = np.random.default_rng(1).permutation(config.batch_size)
-  _, state_perm = _run(one, [{k: v[perm] for k, v in b.items()} for b in batches])
+  _, state_perm = train_steps.run_compiled(one, [{k: v[perm] for k, v in b.items()} for b in batches])
   assert _max_diff(state8.params, state1.params) <= 4 * max(
       _max_diff(state_perm.params, state1.params), 1e-6)
   assert _max_diff(state8.batch_stats, state1.batch_stats) <= 4 * max(
@@ -273,7 +264,7 @@ def test_smoke_config_trains_checkpoints_and_reports(smoke_runs, name):
 def test_preempted_and_resumed_run_equals_plain_steps(smoke_runs, imagebind_steppers):
   workdir, _, config = smoke_runs["imagebind"]
   _, _, eight = imagebind_steppers
-  _, state = _run(eight, _batches(config, config.num_steps))
+  _, state = train_steps.run_compiled(eight, _batches(config, config.num_steps))
   restored = ocp.StandardCheckpointer().restore(
       os.path.join(workdir, "checkpoints", str(config.num_steps), "state"))
   jax.tree.map(np.testing.assert_array_equal, restored["params"], state.params)

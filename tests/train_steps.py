@@ -39,14 +39,27 @@ def run_steps(config: ml_collections.ConfigDict, devices: list[Any], batches: li
   """The loss of each step on `devices`, and the host state before step 0 and after each step."""
   mesh = parallel.make_mesh(devices)
   run = prepare(config, mesh)
-  state = parallel.replicate(mesh, run.state)
-  step = run.parallel_step(mesh)
-  losses, states = [], [jax.device_get(state)]
+  states: list[Any] = []
+  losses, _ = run_compiled((run.state, run.parallel_step(mesh), mesh), batches, states=states)
+  return losses, states
+
+
+def run_compiled(stepper: tuple[Any, Callable[..., Any], jax.sharding.Mesh], batches: list[dict],
+                 *, states: list[Any] | None = None) -> tuple[list[float], Any]:
+  """Steps of a compiled step from an initial state: `stepper` is `(state, step, mesh)` (one
+  compilation serves many runs; the state is replicated anew, so steps that donate it leave the
+  caller's copy alone). Returns the losses and the final host state; with `states`, the host
+  state before step 0 and after each step is appended to it."""
+  init, step, mesh = stepper
+  state, losses = parallel.replicate(mesh, init), []
+  if states is not None:
+    states.append(jax.device_get(state))
   for b in batches:
     state, m = step(state, parallel.shard_batch(mesh, b))
     losses.append(float(m["loss"]))
-    states.append(jax.device_get(state))
-  return losses, states
+    if states is not None:
+      states.append(jax.device_get(state))
+  return losses, jax.device_get(state)
 
 
 def sigterm_during_step(n: int) -> Callable[..., Any]:
