@@ -11,8 +11,8 @@ Benchmarks: `losses` (embedspace's losses vs lightly's), `train_step` (the VICRe
 step vs a PyTorch + lightly loop, and the step's FLOP/s vs a matmul), `vit_step` (the ViT
 training step vs the same ViT in PyTorch, eager and `torch.compile`), `knn` (blocked `top_k`
 vs faiss and scikit-learn), `race` (whole VICReg, SimCLR and BYOL training runs vs PyTorch +
-lightly: accuracy curves, wall time, time to accuracy; ~1.5 h of the full run on 2 quiet cores
-for VICReg and SimCLR, BYOL's not yet timed) and, when present, `big_batch` (another module
+lightly: accuracy curves, wall time, time to accuracy; about 12 minutes per method and 2 seeds
+on 2 quiet AMD EPYC cores, plus ~5 minutes of tuning the reference per method) and, when present, `big_batch` (another module
 with the same `run(quick) -> list[dict]` interface).
 Each module is also runnable alone. Nothing here picks a device: JAX runs on its default backend
 and torch on CUDA when it sees one, so the same command runs on an accelerator machine. Only the
