@@ -242,8 +242,14 @@ def test_two_processes_match_one_process_with_all_devices(runs):
                              rtol=1e-5)
   assert len(set(loss1.values())) > 1  # The steps did change the model.
   state1, state2 = _state(one.workdir), _state(two.workdir)
+  # atol 1e-5 on parameters, 1e-3 x the leaf's scale on Adam's moments: gloo sums the gradients
+  # in another order than one process's all-reduce, and those last bits flip the ReLU gates of
+  # the few pixels that sit at the kink (one channel of a zero-init `bn2`, as in the elastic test
+  # below); with the Kaiming-uniform init the worst seen were 2.2e-6 on one of 576 conv weights
+  # and 3.4e-5 on first moments of scale 0.31. A wrong collective moves parameters by ~lr (2e-3
+  # here) per step and the moments by the size of the gradient itself.
   _assert_states_close(
-      state2, state1, atol=1e-6, opt_state_scale=1e-4,
+      state2, state1, atol=1e-5, opt_state_scale=1e-3,
       label=f"2 x 4 vs 1 x 8 devices: loss "
             f"{max(abs(loss2[s] / loss1[s] - 1) for s in loss1):.2g} relative; state")
   assert int(state2["step"]) == NUM_STEPS
