@@ -91,6 +91,7 @@ from configs import byol as byol_config
 from configs import simclr as simclr_config
 from configs import vicreg as vicreg_config
 from embedspace import methods
+from embedspace import models
 from embedspace import parallel
 from embedspace.core import train as core_train
 from embedspace.space import image as image_space
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="the reference's weight initialisation (an ablation; see "
                            "ReferenceSetup)")
   parser.add_argument("--embedspace_init", default=None,
-                      choices=("lecun_normal", "kaiming_uniform"),
+                      choices=tuple(models.KERNEL_INITS),
                       help="embedspace's config.model.kernel_init (default: the config's)")
   parser.add_argument("--no_profile", action="store_true",
                       help="skip the step / input-pipeline breakdown")
